@@ -1,0 +1,189 @@
+"""The composite losses of the paper (DESIGN §1), each term returned separately for logging.
+
+Every loss is called as ``loss(logits, labels, maps[, masks])`` and returns a dict of tensors:
+``loss`` (the scalar to minimize) and its terms, each the batch mean of the per-sample term.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossForm = Literal["paper", "prose"]
+FORMS: tuple[str, ...] = ("paper", "prose")
+
+
+def _check_lam(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0 or lam != lam:
+        raise ValueError(f"loss.lam must lie in [0, 1] (eq. 7 weighs CE by λ and saliency by 1-λ), got {lam}; "
+                         "set e.g. loss.lam=0.9.")
+    return lam
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"Expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}."
+        )
+
+
+def _check_maps(maps: torch.Tensor, n: int, name: str = "maps") -> None:
+    if maps.dim() != 3 or maps.shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape (N, h, w) with N={n} (one map per sample), got {tuple(maps.shape)}."
+        )
+    if not torch.isfinite(maps).all():
+        bad = int((~torch.isfinite(maps)).flatten(1).any(1).sum())
+        raise FloatingPointError(
+            f"{bad} of {n} saliency maps contain NaN/Inf. This usually means the model diverged "
+            "(lower optim.lr) or a map was normalized by a zero span; check the inputs and the learning rate."
+        )
+
+
+def _check_unit_range(maps: torch.Tensor, name: str, tol: float = 1e-4) -> None:
+    lo, hi = float(maps.min()), float(maps.max())
+    if lo < -tol or hi > 1 + tol:
+        raise ValueError(
+            f"{name} must lie in [0, 1] for this loss, got values in [{lo:.4g}, {hi:.4g}]; "
+            "normalize them (saliency.normalize=max or minmax)."
+        )
+
+
+class CrossEntropyLoss:
+    """The baseline (eq. 1): plain mean cross-entropy. Ignores the maps."""
+
+    needs_maps = False
+    needs_masks = False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        _check_logits(logits, labels)
+        ce = F.cross_entropy(logits, labels)
+        return {"loss": ce, "ce": ce}
+
+
+class TrustLoss:
+    """The paper's gradient-penalized loss (eq. 4-7), averaged over the batch.
+
+    Per sample, with ``c = CE/|C|`` and ``s = mean(L)/|C|`` when ``scale_by_classes`` (the paper's
+    footnote; both then lie in [0, 1]), otherwise unscaled::
+
+        paper (eq. 5-6, as printed; default):  R1 = c (1 - s),   R2 = s (1 - c)
+        prose (the text's reading):            R1 = c s,         R2 = (1 - c)(1 - s)
+        L = mean[ λ c + w_s (1-λ) s + w1 R1 + w2 R2 ]
+
+    The printed equations and the prose disagree (``∂(R1+R2)/∂s = 1 - 2c`` for ``paper``); both are
+    offered so experiments can compare them. The paper sums over samples; the mean has the same
+    optimum and makes the learning rate independent of the batch size. ``c`` is clamped to [0, 1]
+    inside R1/R2 (``clamp_ce``) because CE is unbounded while the equations assume it is not.
+
+    Args:
+        lam: λ ∈ [0, 1], the weight of the classification term.
+        form: ``paper`` or ``prose``.
+        w1, w2, w_s: ablation weights of R1, R2 and the ``(1-λ)s`` term (1 = on, 0 = ablated).
+        scale_by_classes: divide CE and Ŝ by the number of classes.
+        clamp_ce: clamp ``c`` to [0, 1] inside R1/R2.
+
+    Returns (from ``__call__``): ``loss``, ``ce`` (mean raw CE), ``c``, ``s_hat`` (mean Ŝ before
+    scaling), ``reg`` (the weighted ``(1-λ)s`` term), ``r1``, ``r2`` (weighted).
+    """
+
+    needs_maps = True
+    needs_masks = False
+
+    def __init__(self, lam: float = 0.9, form: LossForm = "paper", w1: float = 1.0, w2: float = 1.0,
+                 w_s: float = 1.0, scale_by_classes: bool = True, clamp_ce: bool = True) -> None:
+        self.lam = _check_lam(lam)
+        if form not in FORMS:
+            raise ValueError(f"Unknown loss.form {form!r}; use 'paper' (eq. 5-6 as printed) or 'prose'.")
+        self.form = form
+        self.w1, self.w2, self.w_s = float(w1), float(w2), float(w_s)
+        self.scale_by_classes = scale_by_classes
+        self.clamp_ce = clamp_ce
+
+    def _scaled_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        c = ce / logits.shape[1] if self.scale_by_classes else ce
+        return ce, c
+
+    def _combine(self, ce: torch.Tensor, c: torch.Tensor, s: torch.Tensor, s_in_r: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``s`` enters the (1-λ) term; ``s_in_r`` (s clamped where needed) enters R1/R2."""
+        c_r = c.clamp(0.0, 1.0) if self.clamp_ce else c
+        if self.form == "paper":
+            r1, r2 = c_r * (1 - s_in_r), s_in_r * (1 - c_r)
+        else:
+            r1, r2 = c_r * s_in_r, (1 - c_r) * (1 - s_in_r)
+        reg = self.w_s * (1 - self.lam) * s
+        r1, r2 = self.w1 * r1, self.w2 * r2
+        total = self.lam * c + reg + r1 + r2
+        return {"loss": total.mean(), "ce": ce.mean(), "c": c.mean(), "reg": reg.mean(),
+                "r1": r1.mean(), "r2": r2.mean()}
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
+                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        _check_logits(logits, labels)
+        _check_maps(maps, logits.shape[0])
+        _check_unit_range(maps, "Saliency maps")
+        ce, c = self._scaled_ce(logits, labels)
+        s_hat = maps.flatten(1).mean(dim=1)
+        s = s_hat / logits.shape[1] if self.scale_by_classes else s_hat
+        terms = self._combine(ce, c, s, s)
+        terms["s_hat"] = s_hat.mean()
+        return terms
+
+
+class MaskTrustLoss(TrustLoss):
+    """The mask loss (eq. 8-10) for data with ground-truth object masks.
+
+    ``P = mean_pixels BCE(L, M)`` with ``L`` in [0, 1] clamped to ``[eps, 1-eps]`` and ``M`` resized to
+    ``L``'s resolution (area-weighted, so ``M`` becomes the object fraction of each map cell); then
+    ``R1 = c (1 - p)``, ``R2 = p (1 - c)`` with ``p = clamp(P, 0, 1)`` (``form=prose`` swaps as in
+    :class:`TrustLoss`) and ``L = mean[λ c + w_s (1-λ) P + w1 R1 + w2 R2]``.
+
+    Returns the :class:`TrustLoss` terms plus ``pwce`` (mean P). Called with ``masks (N, 1, H, W)`` or
+    ``(N, H, W)``, object = 1.
+    """
+
+    needs_masks = True
+
+    def __init__(self, lam: float = 0.9, form: LossForm = "paper", w1: float = 1.0, w2: float = 1.0,
+                 w_s: float = 1.0, scale_by_classes: bool = True, clamp_ce: bool = True, eps: float = 1e-6) -> None:
+        super().__init__(lam, form, w1, w2, w_s, scale_by_classes, clamp_ce)
+        self.eps = eps
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
+                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        _check_logits(logits, labels)
+        _check_maps(maps, logits.shape[0])
+        _check_unit_range(maps, "Saliency maps")
+        if masks is None or masks.numel() == 0:
+            raise ValueError("loss=trust_mask needs ground-truth masks, but this data has none; "
+                             "use a data config with masks (decoy_digits, oxford_pet) or loss=trust.")
+        masks = masks if masks.dim() == 3 else masks.squeeze(1)
+        _check_maps(masks, logits.shape[0], "masks")
+        _check_unit_range(masks, "Masks")
+        target = resize_masks(masks.to(maps.dtype), tuple(maps.shape[-2:]))
+        probs = maps.clamp(self.eps, 1 - self.eps)
+        pwce = F.binary_cross_entropy(probs, target, reduction="none").flatten(1).mean(dim=1)
+        ce, c = self._scaled_ce(logits, labels)
+        terms = self._combine(ce, c, pwce, pwce.clamp(0.0, 1.0))
+        terms["pwce"] = pwce.mean()
+        terms["s_hat"] = maps.flatten(1).mean(dim=1).mean()
+        return terms
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, H, W)`` masks to ``size``: area-averaged when shrinking (soft object fraction), bilinear
+    when growing."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    shrinking = masks.shape[-2] >= size[0] and masks.shape[-1] >= size[1]
+    mode = "area" if shrinking else "bilinear"
+    kwargs = {} if shrinking else {"align_corners": False}
+    return F.interpolate(masks.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
+
+
+LOSSES: dict[str, type] = {"ce": CrossEntropyLoss, "trust": TrustLoss, "trust_mask": MaskTrustLoss}

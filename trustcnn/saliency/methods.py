@@ -1,0 +1,161 @@
+"""Saliency methods that run the model and return logits and maps from the same forward pass.
+
+The extension point follows pytorch-grad-cam: a method subclasses :class:`SaliencyMethod` and
+overrides :meth:`SaliencyMethod.compute_map`; everything else (hooks, target class, normalization)
+is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from trustcnn.saliency.capture import LayerCapture
+from trustcnn.saliency.gradcam import gradcam
+from trustcnn.saliency.guided import ChannelReduce, GuidedBackprop, guided_gradcam
+from trustcnn.saliency.normalize import Normalization, normalize_maps
+
+TargetClass = Literal["predicted", "label"]
+
+
+@dataclass
+class SaliencyOutput:
+    """One forward pass with its saliency maps.
+
+    Attributes:
+        logits: ``(N, C)``.
+        targets: ``(N,)`` the class each map explains.
+        raw: ``(N, h, w)`` unnormalized maps (Grad-CAM at the layer's resolution, Guided Grad-CAM at
+            the input's).
+        maps: ``raw`` normalized per sample (see :func:`normalize_maps`), differentiable.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    raw: torch.Tensor
+    maps: torch.Tensor
+
+
+def select_targets(logits: torch.Tensor, labels: torch.Tensor | None, target: TargetClass) -> torch.Tensor:
+    """The class to explain per sample: the prediction (default, the map a user sees post hoc) or the label."""
+    if target == "predicted":
+        return logits.detach().argmax(dim=1)
+    if target == "label":
+        if labels is None:
+            raise ValueError("saliency.target=label needs labels; pass them, or use saliency.target=predicted.")
+        return labels
+    raise ValueError(f"Unknown saliency target {target!r}; use predicted or label.")
+
+
+class SaliencyMethod:
+    """Base class: hooks ``target_layer`` of ``model`` and computes differentiable maps in one forward.
+
+    Args:
+        model: any classifier ``x (N, 3, H, W) -> logits (N, C)``.
+        target_layer: dotted module name of the layer to explain (``model.named_modules()``).
+        second_order: keep the saliency gradient's graph (``create_graph=True``), so a loss on the map
+            gets exact gradients; ``False`` is a cheaper first-order approximation.
+        normalize: per-sample normalization of the returned ``maps``.
+        target: explain the predicted class or the label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str,
+        second_order: bool = True,
+        normalize: Normalization = "max",
+        target: TargetClass = "predicted",
+    ) -> None:
+        if target not in ("predicted", "label"):
+            raise ValueError(f"Unknown saliency target {target!r}; use predicted or label.")
+        normalize_maps(torch.zeros(1, 1), normalize)  # validates the name before any training starts
+        self.model = model
+        self.target_layer = target_layer
+        self.second_order = second_order
+        self.normalize = normalize
+        self.target = target
+        self._capture = LayerCapture(model, target_layer)
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SaliencyOutput:
+        """Run ``model(x)`` and explain it. Needs grad mode (wrap val/test in ``torch.enable_grad()``)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "Saliency maps need autograd, but grad mode is off (torch.no_grad or inference_mode). "
+                "Wrap the call in `torch.inference_mode(False), torch.enable_grad()`."
+            )
+        x = self.prepare_input(x)
+        logits = self.model(x)
+        targets = select_targets(logits, labels, self.target)
+        scores = logits.gather(1, targets[:, None]).squeeze(1)
+        activations = self._capture.activations
+        self._capture.activations = None
+        raw = self.compute_map(x, activations, scores)
+        return SaliencyOutput(logits, targets, raw, normalize_maps(raw, self.normalize))
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Detach every hook from the model."""
+        self._capture.remove()
+
+
+class GradCAM(SaliencyMethod):
+    """Grad-CAM on the target layer; maps ``(N, h, w)`` at the layer's resolution."""
+
+    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return gradcam(activations, scores, create_graph=self.second_order)
+
+
+class GuidedGradCAM(SaliencyMethod):
+    """Guided Grad-CAM (DESIGN §2): guided-backprop input gradient times upsampled Grad-CAM, reduced
+    over colour channels; maps ``(N, H, W)`` at input resolution.
+
+    The guided rule applies only to the saliency gradient; a loss on the map still back-propagates
+    through ordinary ReLU derivatives.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str,
+        second_order: bool = True,
+        normalize: Normalization = "max",
+        target: TargetClass = "predicted",
+        interpolate_mode: str = "bilinear",
+        channel_reduce: ChannelReduce = "abs_sum",
+    ) -> None:
+        super().__init__(model, target_layer, second_order, normalize, target)
+        self.interpolate_mode = interpolate_mode
+        self.channel_reduce = channel_reduce
+        self._guided = GuidedBackprop(model)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        # The guided gradient is taken w.r.t. the input, so the input must be a graph leaf.
+        return x.detach().requires_grad_(True)
+
+    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cam = gradcam(activations, scores, create_graph=self.second_order)
+        guided = self._guided.gradients(scores, x, create_graph=self.second_order)
+        return guided_gradcam(cam, guided, self.interpolate_mode, self.channel_reduce)
+
+    def remove(self) -> None:
+        super().remove()
+        self._guided.remove()
+
+
+SALIENCY_METHODS: dict[str, type[SaliencyMethod]] = {"gradcam": GradCAM, "guided_gradcam": GuidedGradCAM}
+
+
+def build_saliency(method: str, model: nn.Module, target_layer: str, **kwargs: object) -> SaliencyMethod:
+    """The saliency method called ``method`` (``gradcam`` | ``guided_gradcam``) on ``model``."""
+    if method not in SALIENCY_METHODS:
+        raise ValueError(f"Unknown saliency method {method!r}; use one of {', '.join(SALIENCY_METHODS)}.")
+    return SALIENCY_METHODS[method](model, target_layer, **kwargs)
