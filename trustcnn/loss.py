@@ -17,7 +17,7 @@ FORMS: tuple[str, ...] = ("paper", "prose")
 
 def _check_lam(lam: float) -> float:
     lam = float(lam)
-    if not 0.0 <= lam <= 1.0 or lam != lam:
+    if not 0.0 <= lam <= 1.0:  # also rejects NaN
         raise ValueError(f"loss.lam must lie in [0, 1] (eq. 7 weighs CE by λ and saliency by 1-λ), got {lam}; "
                          "set e.g. loss.lam=0.9.")
     return lam
@@ -44,7 +44,7 @@ def _check_maps(maps: torch.Tensor, n: int, name: str = "maps") -> None:
 
 
 def _check_unit_range(maps: torch.Tensor, name: str, tol: float = 1e-4) -> None:
-    lo, hi = float(maps.min()), float(maps.max())
+    lo, hi = (float(v) for v in torch.aminmax(maps.detach()))
     if lo < -tol or hi > 1 + tol:
         raise ValueError(
             f"{name} must lie in [0, 1] for this loss, got values in [{lo:.4g}, {hi:.4g}]; "
