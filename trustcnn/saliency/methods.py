@@ -80,8 +80,14 @@ class SaliencyMethod:
         self.target = target
         self._capture = LayerCapture(model, target_layer)
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SaliencyOutput:
-        """Run ``model(x)`` and explain it. Needs grad mode (wrap val/test in ``torch.enable_grad()``)."""
+    def __call__(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
+    ) -> SaliencyOutput:
+        """Run ``model(x)`` and explain it. Needs grad mode (wrap val/test in ``torch.enable_grad()``).
+
+        ``create_graph`` overrides ``second_order`` for this call (``False`` at evaluation time, where
+        no loss is differentiated through the map).
+        """
         if not torch.is_grad_enabled():
             raise RuntimeError(
                 "Saliency maps need autograd, but grad mode is off (torch.no_grad or inference_mode). "
@@ -93,13 +99,17 @@ class SaliencyMethod:
         scores = logits.gather(1, targets[:, None]).squeeze(1)
         activations = self._capture.activations
         self._capture.activations = None
-        raw = self.compute_map(x, activations, scores)
+        create_graph = self.second_order if create_graph is None else create_graph
+        raw = self.compute_map(x, activations, scores, create_graph)
         return SaliencyOutput(logits, targets, raw, normalize_maps(raw, self.normalize))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def compute_map(
+        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+    ) -> torch.Tensor:
+        """The raw map of each sample, from the input, the layer output and the target scores."""
         raise NotImplementedError
 
     def remove(self) -> None:
@@ -110,8 +120,10 @@ class SaliencyMethod:
 class GradCAM(SaliencyMethod):
     """Grad-CAM on the target layer; maps ``(N, h, w)`` at the layer's resolution."""
 
-    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return gradcam(activations, scores, create_graph=self.second_order)
+    def compute_map(
+        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+    ) -> torch.Tensor:
+        return gradcam(activations, scores, create_graph=create_graph)
 
 
 class GuidedGradCAM(SaliencyMethod):
@@ -141,9 +153,11 @@ class GuidedGradCAM(SaliencyMethod):
         # The guided gradient is taken w.r.t. the input, so the input must be a graph leaf.
         return x.detach().requires_grad_(True)
 
-    def compute_map(self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cam = gradcam(activations, scores, create_graph=self.second_order)
-        guided = self._guided.gradients(scores, x, create_graph=self.second_order)
+    def compute_map(
+        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+    ) -> torch.Tensor:
+        cam = gradcam(activations, scores, create_graph=create_graph)
+        guided = self._guided.gradients(scores, x, create_graph=create_graph)
         return guided_gradcam(cam, guided, self.interpolate_mode, self.channel_reduce)
 
     def remove(self) -> None:
