@@ -1,0 +1,99 @@
+"""The first stage of the paper's workflow on embedded data: train the whole network with plain
+cross-entropy (it learns whatever shortcut the data offers: the paper's "systematic error", §3.2),
+then trustcnn freezes all but the target layer and fine-tunes it with the configured loss.
+
+The pretrained weights are made once per distinct pretraining config and reused by every job of a
+sweep; a file lock makes that safe when jobs run in parallel.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from trustcnn.models.base import BuiltModel
+
+log = logging.getLogger("trustcnn.pretrain")
+
+
+def pretrain_key(spec: dict[str, Any]) -> str:
+    """A short stable hash of everything that determines the pretrained weights."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_end_to_end(model: BuiltModel, datamodule: pl.LightningDataModule, epochs: int, lr: float, seed: int
+                      ) -> dict[str, float]:
+    torch.manual_seed(seed)
+    net = model.net
+    for p in net.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    correct = total = 0
+    for epoch in range(epochs):
+        correct = total = 0
+        for x, y, _ in datamodule.train_dataloader():
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    net.eval()
+    return {"train_acc_last_epoch": correct / max(total, 1)}
+
+
+def ensure_pretrained(
+    model: BuiltModel,
+    datamodule: pl.LightningDataModule,
+    spec: dict[str, Any],
+    cache_dir: str | Path,
+    epochs: int,
+    lr: float,
+    seed: int,
+) -> Path:
+    """Load the cross-entropy-pretrained weights for ``spec`` into ``model.net``, training them first
+    if no job has yet.
+
+    Args:
+        spec: everything that determines the weights (model and data config, epochs, lr, seed);
+            its hash names the cache file.
+        cache_dir: where ``<hash>.pt`` (a state dict) and ``<hash>.json`` (its spec and train accuracy) live.
+
+    Returns:
+        The path of the weights file.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = pretrain_key(spec)
+    path = cache_dir / f"{key}.pt"
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sweep jobs wait here for the first one
+        try:
+            if not path.exists():
+                datamodule.setup("fit")
+                start = time.perf_counter()
+                stats = _train_end_to_end(model, datamodule, epochs, lr, seed)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                torch.save(model.net.state_dict(), tmp)
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+                meta = {"spec": spec, **stats, "seconds": round(time.perf_counter() - start, 2)}
+                (cache_dir / f"{key}.json").write_text(json.dumps(meta, indent=2, default=str))
+                log.info("Pretrained %s end to end with cross-entropy: %s -> %s", type(model.net).__name__, meta, path)
+            else:
+                log.info("Reusing cross-entropy-pretrained weights %s", path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    model.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return path

@@ -1,0 +1,168 @@
+"""``TrustModule``: a frozen pretrained CNN whose one target layer (or new layer) trains on the
+paper's saliency-penalized loss, with the saliency map computed differentiably inside the step."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision, MulticlassRecall
+
+from trustcnn.metrics import EnergyPointingGame, PointingGame
+from trustcnn.models.base import BuiltModel
+from trustcnn.models.freeze import freeze_except, set_frozen_batchnorm_eval
+from trustcnn.saliency import SaliencyOutput, build_saliency
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or a saliency map) became NaN/Inf."""
+
+
+class TrustModule(pl.LightningModule):
+    """Frozen stem -> target layer -> head, trained with a saliency-aware loss.
+
+    Args:
+        model: the built classifier (see :class:`~trustcnn.models.base.BuiltModel`); everything but
+            ``model.trainable`` is frozen, BatchNorm statistics included.
+        loss: a loss from :mod:`trustcnn.loss` (``loss(logits, labels, maps, masks) -> dict``).
+        optimizer: a partial optimizer, called with the trainable parameters.
+        num_classes: classes of the data.
+        saliency: options of :func:`trustcnn.saliency.build_saliency` (``method``, ``second_order``,
+            ``normalize``, ``target``, ...).
+        has_masks: whether batches carry object masks (enables pointing-game metrics).
+        test_set_names: metric prefix of each test dataloader (e.g. ``["test", "test_consistent"]``).
+        panel_images: how many fixed validation images to render as saliency panels per epoch.
+        pointing_tolerance: pointing-game tolerance in mask pixels.
+    """
+
+    def __init__(
+        self,
+        model: BuiltModel,
+        loss: Callable[..., dict[str, torch.Tensor]],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        num_classes: int,
+        saliency: dict[str, Any] | None = None,
+        has_masks: bool = False,
+        test_set_names: list[str] | tuple[str, ...] = ("test",),
+        panel_images: int = 8,
+        pointing_tolerance: int = 15,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss", "optimizer"])
+        self.net = model.net
+        self.built = model
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.trainable_names = freeze_except(self.net, list(model.trainable))
+        saliency = dict(saliency or {"method": "gradcam"})
+        method = saliency.pop("method")
+        self.saliency = build_saliency(method, self.net, model.target_layer, **saliency)
+        self.has_masks = has_masks
+        self.test_set_names = list(test_set_names)
+        self.panel_images = panel_images
+        self._panel_batch: tuple[torch.Tensor, ...] | None = None
+
+        def classification() -> MetricCollection:
+            kw = dict(num_classes=num_classes)
+            return MetricCollection({
+                "acc": MulticlassAccuracy(average="micro", **kw),
+                "precision": MulticlassPrecision(average="macro", **kw),
+                "recall": MulticlassRecall(average="macro", **kw),
+            })
+
+        # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
+        stages = ["train", "val", *self.test_set_names]
+        self.cls_metrics = nn.ModuleDict({f"{s}_metrics": classification() for s in stages})
+        self.map_metrics = nn.ModuleDict({
+            f"{s}_metrics": MetricCollection({"pointing_game": PointingGame(tolerance=pointing_tolerance), "energy_pointing_game": EnergyPointingGame()})
+            for s in stages[1:]
+        }) if has_masks else None
+
+    # Frozen means frozen statistics too: Lightning calls train() before every training epoch.
+    def train(self, mode: bool = True) -> "TrustModule":
+        super().train(mode)
+        if mode:
+            set_frozen_batchnorm_eval(self.net, list(self.built.trainable))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def explain(self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
+                ) -> SaliencyOutput:
+        """Logits and maps of one forward pass; works under Lightning's no-grad/inference mode."""
+        with torch.inference_mode(False), torch.enable_grad():
+            # Tensors made under inference_mode cannot enter autograd; a clone outside it can.
+            x = x.clone() if x.is_inference() else x
+            labels = labels.clone() if labels is not None and labels.is_inference() else labels
+            return self.saliency(x, labels, create_graph=create_graph)
+
+    def _stage_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> dict[str, torch.Tensor]:
+        x, y, masks = batch
+        training = stage == "train"
+        if training and not self.loss_fn.needs_maps:
+            logits, maps = self.net(x), None
+        else:
+            # Evaluation needs maps for Ŝ and the pointing games, but no second-order graph.
+            out = self.explain(x, y, create_graph=None if training else False)
+            logits, maps = out.logits, out.maps
+            if not training:
+                logits, maps = logits.detach(), maps.detach()
+        try:
+            terms = self.loss_fn(logits, y, maps, masks)
+        except FloatingPointError as err:
+            raise NonFiniteLossError(f"{stage} step {self.global_step}: {err}") from err
+        if training and not torch.isfinite(terms["loss"]):
+            raise NonFiniteLossError(
+                f"The training loss became {terms['loss'].item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}). Training stopped; the last good checkpoint (checkpoints/last.ckpt) "
+                "is kept. Lower optim.lr or check the data for NaN/Inf."
+            )
+        # Stage prefixes are unique per dataloader already, so no "/dataloader_idx_N" suffix.
+        log_kw = dict(on_epoch=True, batch_size=x.shape[0], add_dataloader_idx=False)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value.detach(), on_step=training, prog_bar=name == "loss" and training, **log_kw)
+        if maps is not None and "s_hat" not in terms:
+            self.log(f"{stage}/s_hat", maps.detach().flatten(1).mean(), **log_kw)
+        cls = self.cls_metrics[f"{stage}_metrics"]
+        cls.update(logits.detach().argmax(dim=1), y)
+        self.log_dict({f"{stage}/{k}": m for k, m in cls.items()}, on_step=False, prog_bar=training, **log_kw)
+        if self.map_metrics is not None and not training and masks.numel():
+            mm = self.map_metrics[f"{stage}_metrics"]
+            mm.update(maps, masks)
+            self.log_dict({f"{stage}/{k}": m for k, m in mm.items()}, on_step=False, **log_kw)
+        return terms
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self._stage_step(batch, "train")["loss"]
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        if self._panel_batch is None and batch_idx == 0:
+            self._panel_batch = tuple(t[: self.panel_images].detach().clone() for t in batch)
+        self._stage_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._stage_step(batch, self.test_set_names[dataloader_idx])
+
+    def on_validation_epoch_end(self) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        wandb_loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers or self._panel_batch is None or self.trainer.sanity_checking:
+            return
+        from trustcnn.viz import saliency_grid_array
+
+        x, y, masks = (t.to(self.device) for t in self._panel_batch)
+        out = self.explain(x, y, create_graph=False)
+        panel = saliency_grid_array(self.trainer.datamodule.denormalize(x.detach()), masks,
+                                    {"map": out.maps.detach()}, labels=y, preds=out.logits.argmax(1))
+        for lg in wandb_loggers:
+            lg.log_image(key="val/saliency", images=[panel], step=self.global_step)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        return self.optimizer_factory(params)

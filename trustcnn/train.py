@@ -1,0 +1,200 @@
+"""Train one configuration: ``python -m trustcnn.train [overrides]`` (``-m`` for sweeps).
+
+``train(cfg)`` does the work and is what tests call; ``main`` is the Hydra wrapper that returns the
+optimized metric so sweepers can use it, and keeps a multirun going when one job fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from trustcnn.loss import LOSSES
+from trustcnn.models.base import BuiltModel
+from trustcnn.models.pretrain import ensure_pretrained
+from trustcnn.module import TrustModule
+from trustcnn.saliency import get_module
+
+log = logging.getLogger("trustcnn.train")
+
+FINAL_METRICS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat")
+
+
+def build_loss(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -> Any:
+    """The loss object of ``loss.name`` with the ablation weights applied (trust losses only)."""
+    options = OmegaConf.to_container(loss_cfg, resolve=True)
+    name = options.pop("name")
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; use loss=ce, loss=trust or loss=trust_mask.")
+    if name != "ce" and ablation_cfg is not None:
+        weights = OmegaConf.to_container(ablation_cfg, resolve=True)
+        weights.pop("name", None)
+        options.update(weights)
+    return LOSSES[name](**options)
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> BuiltModel:
+    """Instantiate ``cfg.model`` (minus its ``pretrain`` block) for ``num_classes``."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("pretrain", None)
+    built = instantiate(model_cfg, num_classes=num_classes)
+    get_module(built.net, built.target_layer)  # an unknown target layer fails here, before training
+    return built
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list[pl.loggers.Logger]:
+    loggers: list[pl.loggers.Logger] = []
+    if cfg.logger.get("csv"):
+        loggers.append(pl.loggers.CSVLogger(save_dir=str(output_dir), name="csv"))
+    wandb_cfg = cfg.logger.get("wandb")
+    if wandb_cfg:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        group, name = wandb_cfg.get("group"), output_dir.name
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            if hc.mode == RunMode.MULTIRUN:
+                group = group or Path(hc.sweep.dir).name
+                name = hc.job.override_dirname or name
+        loggers.append(pl.loggers.WandbLogger(
+            project=wandb_cfg.project, entity=wandb_cfg.get("entity"), mode=wandb_cfg.get("mode", "offline"),
+            group=group or name, name=name, save_dir=str(output_dir), tags=list(wandb_cfg.get("tags") or []),
+            log_model=wandb_cfg.get("log_model", False),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ))
+    return loggers
+
+
+def finish_loggers(loggers: list[pl.loggers.Logger], failed: bool) -> None:
+    """Close every logger; a W&B run is always finished (marked failed when the job failed)."""
+    for lg in loggers:
+        if isinstance(lg, pl.loggers.WandbLogger):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=1 if failed else 0)
+        else:
+            lg.finalize("failed" if failed else "success")
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A short Markdown table of the final metrics."""
+    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit and test one configuration; write checkpoints, ``metrics.json`` and ``saliency_grid.png``
+    into ``cfg.paths.output_dir``.
+
+    Returns:
+        The final metrics (test metrics, plus the best validation value of ``optimized_metric``) and
+        the objects made (datamodule, module, trainer).
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # Everything a user can get wrong in the config fails here, before any training.
+    loss = build_loss(cfg.loss, cfg.get("ablation"))
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule.num_classes)
+    if loss.needs_masks and not datamodule.has_masks:
+        raise ValueError(f"loss=trust_mask needs masks, but data={type(datamodule).__name__} has none; "
+                         "use data=decoy_digits or data=oxford_pet, or loss=trust.")
+    if cfg.model.get("pretrain"):
+        pre = cfg.model.pretrain
+        spec = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "seed": cfg.seed}
+        for key in ("num_workers", "batch_size", "root"):
+            spec["data"].pop(key, None)
+        spec["model"]["pretrain"].pop("cache_dir", None)
+        ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)
+    module = TrustModule(
+        model, loss, instantiate(cfg.optim), num_classes=datamodule.num_classes,
+        saliency=OmegaConf.to_container(cfg.saliency, resolve=True), has_masks=datamodule.has_masks,
+        test_set_names=datamodule.test_set_names, pointing_tolerance=cfg.pointing_tolerance,
+    )
+
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch:02d}", monitor=cfg.optimized_metric,
+                                 mode="max", save_top_k=1, save_last=True)
+    loggers = build_loggers(cfg, output_dir)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
+    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "checkpoint": checkpoint}
+    failed = True
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics: dict[str, float] = {}
+        best = checkpoint.best_model_score
+        if best is not None:
+            metrics[f"best_{cfg.optimized_metric}"] = float(best)
+        if cfg.get("test"):
+            ckpt = "best" if checkpoint.best_model_path else None
+            for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()
+                                if k.split("/", 1)[-1] in FINAL_METRICS})
+            save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n")
+        failed = False
+    finally:
+        finish_loggers(loggers, failed)
+    return metrics, objects
+
+
+def save_test_grid(module: TrustModule, datamodule: pl.LightningDataModule, path: Path, n: int) -> Path:
+    """PNG grid of the first ``n`` test images with their masks and saliency maps."""
+    from trustcnn.viz import save_saliency_grid
+
+    loader = datamodule.test_dataloader()
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    x, y, masks = (t[:n] for t in next(iter(loader)))
+    module.eval()
+    x, y, masks = x.to(module.device), y.to(module.device), masks.to(module.device)
+    out = module.explain(x, y, create_graph=False)
+    return save_saliency_grid(path, datamodule.denormalize(x), masks, {"map": out.maps.detach()}, labels=y,
+                              preds=out.logits.argmax(1), class_names=getattr(datamodule, "class_names", None))
+
+
+def _record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """Leave the error in the job directory so `trustcnn.report` can list failed jobs."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "error.json").write_text(json.dumps({
+        "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+    }, indent=2))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        metrics, _ = train(cfg)
+    except Exception as err:
+        _record_failure(cfg, err)
+        if not multirun:
+            raise
+        # One failing job must not stop the rest of the sweep.
+        log.error("Job %s failed: %s: %s (details in %s/error.json)", HydraConfig.get().job.num,
+                  type(err).__name__, err, cfg.paths.output_dir)
+        return math.nan
+    return metrics.get(f"best_{cfg.optimized_metric}", math.nan)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Pictures: image | mask | one saliency map per model, for the same images (the paper's Figure 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from trustcnn.saliency.guided import upsample  # noqa: E402
+
+
+def saliency_figure(
+    images: torch.Tensor,
+    masks: torch.Tensor | None,
+    maps: dict[str, torch.Tensor],
+    labels: torch.Tensor | None = None,
+    preds: dict[str, torch.Tensor] | torch.Tensor | None = None,
+    class_names: list[str] | None = None,
+) -> plt.Figure:
+    """One row per image: the image, its mask (if any), then each model's map over the image.
+
+    Args:
+        images: ``(N, 3, H, W)`` in [0, 1] (denormalized).
+        masks: ``(N, 1, H, W)`` / ``(N, H, W)`` object masks, or ``None`` / empty.
+        maps: model name -> ``(N, h, w)`` maps (any resolution; upsampled to ``H, W``).
+        labels, preds: shown in the titles; ``preds`` per model name or one tensor for all.
+    """
+    n = images.shape[0]
+    show_mask = masks is not None and masks.numel() > 0
+    cols = 1 + int(show_mask) + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    size = tuple(images.shape[-2:])
+    name_of = (lambda c: class_names[c] if class_names and c < len(class_names) else str(c))
+    pics = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        col = 0
+        axes[i, col].imshow(pics[i])
+        axes[i, col].set_title(f"label {name_of(int(labels[i]))}" if labels is not None else "image", fontsize=8)
+        col += 1
+        if show_mask:
+            axes[i, col].imshow(masks.detach().float().cpu().reshape(n, *size)[i], cmap="gray", vmin=0, vmax=1)
+            axes[i, col].set_title("mask", fontsize=8)
+            col += 1
+        for name, m in maps.items():
+            up = upsample(m.detach().float().cpu(), size)[i].numpy()
+            axes[i, col].imshow(pics[i].mean(axis=-1), cmap="gray")
+            axes[i, col].imshow(up, cmap="jet", alpha=0.5, vmin=0, vmax=max(float(up.max()), 1e-8))
+            pred = preds.get(name) if isinstance(preds, dict) else preds
+            title = name if pred is None else f"{name}: pred {name_of(int(pred[i]))}"
+            axes[i, col].set_title(title, fontsize=8)
+            col += 1
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def save_saliency_grid(path: str | Path, *args: object, **kwargs: object) -> Path:
+    """Render :func:`saliency_figure` to a PNG at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = saliency_figure(*args, **kwargs)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def saliency_grid_array(*args: object, **kwargs: object) -> np.ndarray:
+    """Render :func:`saliency_figure` to an ``(H, W, 3)`` uint8 array (for W&B image panels)."""
+    fig = saliency_figure(*args, **kwargs)
+    fig.canvas.draw()
+    array = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return array
