@@ -56,6 +56,15 @@ def build_model(cfg: DictConfig, num_classes: int) -> BuiltModel:
     return built
 
 
+def build_module(cfg: DictConfig, model: BuiltModel, loss: Any, datamodule: pl.LightningDataModule) -> TrustModule:
+    """The :class:`TrustModule` of ``cfg`` around an already built model, loss and datamodule."""
+    return TrustModule(
+        model, loss, instantiate(cfg.optim), num_classes=datamodule.num_classes,
+        saliency=OmegaConf.to_container(cfg.saliency, resolve=True), has_masks=datamodule.has_masks,
+        test_set_names=datamodule.test_set_names, pointing_tolerance=cfg.get("pointing_tolerance", 15),
+    )
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[pl.loggers.Logger]:
     loggers: list[pl.loggers.Logger] = []
     if cfg.logger.get("csv"):
@@ -124,11 +133,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             spec["data"].pop(key, None)
         spec["model"]["pretrain"].pop("cache_dir", None)
         ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)
-    module = TrustModule(
-        model, loss, instantiate(cfg.optim), num_classes=datamodule.num_classes,
-        saliency=OmegaConf.to_container(cfg.saliency, resolve=True), has_masks=datamodule.has_masks,
-        test_set_names=datamodule.test_set_names, pointing_tolerance=cfg.pointing_tolerance,
-    )
+    module = build_module(cfg, model, loss, datamodule)
 
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch:02d}", monitor=cfg.optimized_metric,
                                  mode="max", save_top_k=1, save_last=True)

@@ -1,0 +1,69 @@
+"""Load a finished run (its resolved config and a checkpoint) back into a ready module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from trustcnn.module import TrustModule
+from trustcnn.train import build_loss, build_model, build_module
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    checkpoint: Path
+    cfg: DictConfig
+    module: TrustModule
+    datamodule: pl.LightningDataModule
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint)`` for a run directory (its best checkpoint, else ``last.ckpt``) or a ``.ckpt`` file."""
+    path = Path(path)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint file; pass a directory made by "
+                                "`python -m trustcnn.train` (it holds config.yaml and checkpoints/) or a .ckpt file.")
+    best = sorted((path / "checkpoints").glob("best-*.ckpt"))
+    candidates = best or sorted((path / "checkpoints").glob("last*.ckpt"))
+    if not candidates:
+        raise FileNotFoundError(f"No checkpoint in {path / 'checkpoints'}; the run may have failed before its "
+                                "first epoch ended (see error.json there).")
+    return path, candidates[-1]
+
+
+def load_run(path: str | Path, data_overrides: dict | None = None, map_location: str = "cpu") -> LoadedRun:
+    """Rebuild the run's module from its ``config.yaml`` and load the checkpoint's weights.
+
+    The backbone's pretrained weights are not fetched again (the checkpoint holds every weight), so
+    this works offline. ``data_overrides`` replaces keys of the run's data config (e.g. ``root`` or
+    ``batch_size``) to evaluate on other data.
+    """
+    run_dir, ckpt = find_checkpoint(path)
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing; it is written by `python -m trustcnn.train` at the "
+                                "start of every run. Pass a run directory made by trustcnn.")
+    cfg = OmegaConf.load(config_file)
+    with open_dict(cfg):
+        cfg.model.pop("pretrain", None)
+        for key in ("weights", "weights_path"):
+            if key in cfg.model:
+                cfg.model[key] = None
+        for key, value in (data_overrides or {}).items():
+            cfg.data[key] = value
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule.num_classes)
+    module = build_module(cfg, model, build_loss(cfg.loss, cfg.get("ablation")), datamodule)
+    state = torch.load(ckpt, map_location=map_location, weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    return LoadedRun(run_dir, ckpt, cfg, module, datamodule)
