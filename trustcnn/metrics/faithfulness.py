@@ -69,7 +69,8 @@ def deletion_insertion(
 
     and the model's probability of ``targets`` is recorded. AUC = trapezoid rule over the fraction of
     pixels in ``[0, 1]``, so AUCs lie in ``[0, 1]``. Lower deletion AUC / higher insertion AUC = more
-    faithful map. All ``2·N·(steps+1)`` perturbed images are evaluated in chunks of ``batch_size``.
+    faithful map. The ``2·(steps+1)`` perturbed copies of ``max(1, batch_size // (2·(steps+1)))`` images
+    are built at once by broadcasting and evaluated in forward passes of at most ``batch_size``.
 
     Args:
         model: ``(B, C, H, W) -> (B, num_classes)`` logits (or probabilities with ``apply_softmax=False``);
@@ -104,22 +105,26 @@ def deletion_insertion(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(p, device=images.device).expand(n, p))
     counts = _step_counts(p, steps, images.device)
 
-    per = 2 * (steps + 1)  # perturbed images per sample: deletion steps then insertion steps
-    probs = torch.empty(n * per, dtype=torch.float32, device=images.device)
-    img_flat = images.flatten(2)  # (N, C, P)
-    base_flat = base.flatten(2)
-    for start in range(0, n * per, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n * per), device=images.device)
-        sample, rem = idx // per, idx % per
-        insertion, k = rem >= steps + 1, rem % (steps + 1)
-        top = rank[sample] < counts[k][:, None]  # (B, P): the k-th step's most salient pixels
-        show_original = torch.where(insertion[:, None], top, ~top)[:, None, :]  # (B, 1, P)
-        x = torch.where(show_original, img_flat[sample], base_flat[sample]).view(-1, *images.shape[1:])
-        out = model(x)
-        if out.ndim != 2:
-            raise ValueError(f"model must return (B, num_classes), got {tuple(out.shape)}")
-        out = out.float().softmax(dim=1) if apply_softmax else out.float()
-        probs[start : start + len(idx)] = out.gather(1, targets[sample][:, None])[:, 0]
+    per = 2 * (steps + 1)  # perturbed images per sample: deletion steps, then insertion steps
+    probs = torch.empty(n, per, dtype=torch.float32, device=images.device)
+    img_flat = images.flatten(2)[:, None]  # (N, 1, C, P)
+    base_flat = base.flatten(2)[:, None]
+    group = max(1, batch_size // per)  # samples whose perturbed copies are built together
+    for s0 in range(0, n, group):
+        sl = slice(s0, min(s0 + group, n))
+        top = rank[sl, None, :] < counts[None, :, None]  # (G, S+1, P): the k-th step's most salient pixels
+        # which pixels come from the original: deletion k = 0..S (all but the top), then insertion k = 0..S
+        show = torch.cat([~top, top], dim=1)[:, :, None, :]  # (G, per, 1, P)
+        x = torch.where(show, img_flat[sl], base_flat[sl]).view(-1, *images.shape[1:])  # (G*per, C, H, W)
+        tgt = targets[sl].repeat_interleave(per)
+        out_probs = []
+        for b0 in range(0, x.shape[0], batch_size):
+            out = model(x[b0 : b0 + batch_size])
+            if out.ndim != 2:
+                raise ValueError(f"model must return (B, num_classes), got {tuple(out.shape)}")
+            out = out.float().softmax(dim=1) if apply_softmax else out.float()
+            out_probs.append(out.gather(1, tgt[b0 : b0 + batch_size, None].to(out.device))[:, 0])
+        probs[sl] = torch.cat(out_probs).to(probs.device).view(-1, per)
     probs = probs.view(n, 2, steps + 1)
     deletion, insertion_c = probs[:, 0], probs[:, 1]
     return {

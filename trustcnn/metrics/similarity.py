@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 from trustcnn.metrics._utils import as_maps, minmax_normalize, resize_maps
@@ -50,15 +49,27 @@ def _gaussian_window(sigma: float, dtype: torch.dtype, device: torch.device) -> 
     return g / g.sum()
 
 
-def _ssim_valid(a: Tensor, b: Tensor, sigma: float, k1: float, k2: float, data_range: float = 1.0) -> Tensor:
-    """Wang et al. SSIM of ``(N, H, W)`` pairs, averaged over the valid (uncropped-by-padding) window positions."""
-    n = a.shape[0]
-    g = _gaussian_window(sigma, a.dtype, a.device)
+def _valid_filter_matrix(n: int, g: Tensor) -> Tensor:
+    """``(n, n - k + 1)`` banded matrix ``M`` with ``(x @ M)[j] = sum_t g[t] x[j + t]`` (valid 1-D filtering)."""
     k = g.numel()
-    x = torch.cat([a, b, a * a, b * b, a * b])[:, None]  # (5N, 1, H, W)
-    x = F.conv2d(x, g.view(1, 1, 1, k))  # separable Gaussian, "valid" positions only
-    x = F.conv2d(x, g.view(1, 1, k, 1))
-    mu_a, mu_b, e_aa, e_bb, e_ab = x[:, 0].split(n)
+    m = torch.zeros(n, n - k + 1, dtype=g.dtype, device=g.device)
+    cols = torch.arange(n - k + 1, device=g.device)
+    m[cols[:, None] + torch.arange(k, device=g.device)[None, :], cols[:, None]] = g
+    return m
+
+
+def _ssim_valid(a: Tensor, b: Tensor, sigma: float, k1: float, k2: float, data_range: float = 1.0) -> Tensor:
+    """Wang et al. SSIM of ``(N, H, W)`` pairs, averaged over the window positions that fit inside the map.
+
+    The separable Gaussian filter is applied as two banded matrix products (``Mh^T X Mw``): exact, and on
+    CPU in float64 ~50x faster than ``conv2d`` (which has no fast float64 path).
+    """
+    n, h, w = a.shape
+    g = _gaussian_window(sigma, a.dtype, a.device)
+    mh, mw = _valid_filter_matrix(h, g), _valid_filter_matrix(w, g)
+    x = torch.cat([a, b, a * a, b * b, a * b])  # (5N, H, W)
+    x = mh.T @ (x @ mw)  # (5N, H - 2r, W - 2r)
+    mu_a, mu_b, e_aa, e_bb, e_ab = x.split(n)
     var_a = e_aa - mu_a * mu_a
     var_b = e_bb - mu_b * mu_b
     cov = e_ab - mu_a * mu_b
@@ -82,7 +93,8 @@ def map_ssim(
     11×11 for σ = 1.5), ``C1 = (k1·L)²``, ``C2 = (k2·L)²`` with data range ``L = 1``, population (not
     sample) covariances, averaged over the window positions that fit entirely inside the map (a
     5-pixel border is excluded) — the definition of ``skimage.metrics.structural_similarity(
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)``. Computed in float64.
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)``. Computed in float64
+    (identical maps give exactly 1).
     (torchmetrics 1.9's functional SSIM is not used: it averages over the full reflect-padded image,
     which differs from this definition by ~1e-3–1e-2.)
 
