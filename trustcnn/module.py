@@ -82,12 +82,16 @@ class TrustModule(pl.LightningModule):
             for s in stages[1:]
         }) if has_masks else None
 
-    # Frozen means frozen statistics too: Lightning calls train() before every training epoch.
+    # Frozen means frozen statistics too. Lightning restores each sub-module's mode itself after
+    # validation (bypassing train()), so the frozen BatchNorms are also put back before every batch.
     def train(self, mode: bool = True) -> "TrustModule":
         super().train(mode)
         if mode:
             set_frozen_batchnorm_eval(self.net, list(self.built.trainable))
         return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        set_frozen_batchnorm_eval(self.net, list(self.built.trainable))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

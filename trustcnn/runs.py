@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trustcnn.module import TrustModule
-from trustcnn.train import build_loss, build_model, build_module
+from trustcnn.train import build_loss, build_model, build_module, instantiate_plain
 
 
 @dataclass
@@ -60,7 +59,7 @@ def load_run(path: str | Path, data_overrides: dict | None = None, map_location:
                 cfg.model[key] = None
         for key, value in (data_overrides or {}).items():
             cfg.data[key] = value
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     module = build_module(cfg, model, build_loss(cfg.loss, cfg.get("ablation")), datamodule)
     state = torch.load(ckpt, map_location=map_location, weights_only=True)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from trustcnn.config_check import UnknownConfigKeyError, check_overrides
 from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.pretrain import ensure_pretrained
@@ -32,6 +35,21 @@ from trustcnn.saliency import get_module
 log = logging.getLogger("trustcnn.train")
 
 FINAL_METRICS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat")
+
+
+def instantiate_plain(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets the builder's own error through.
+
+    Hydra wraps every exception raised inside a ``_target_`` in an ``InstantiationException``; the
+    user needs the builder's message (e.g. an unknown layer with its close matches), not the wrapper.
+    """
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if cause is None or isinstance(cause, ImportError):  # "Error locating target" is the right message
+            raise
+        raise cause from None
 
 
 def build_loss(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -> Any:
@@ -51,7 +69,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> BuiltModel:
     """Instantiate ``cfg.model`` (minus its ``pretrain`` block) for ``num_classes``."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("pretrain", None)
-    built = instantiate(model_cfg, num_classes=num_classes)
+    built = instantiate_plain(model_cfg, num_classes=num_classes)
     get_module(built.net, built.target_layer)  # an unknown target layer fails here, before training
     return built
 
@@ -95,6 +113,8 @@ def finish_loggers(loggers: list[pl.loggers.Logger], failed: bool) -> None:
 
             if wandb.run is not None:
                 wandb.finish(exit_code=1 if failed else 0)
+            # finish() can return before wandb-core has flushed an offline run to disk; teardown waits.
+            wandb.teardown()
         else:
             lg.finalize("failed" if failed else "success")
 
@@ -120,7 +140,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     # Everything a user can get wrong in the config fails here, before any training.
     loss = build_loss(cfg.loss, cfg.get("ablation"))
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     if loss.needs_masks and not datamodule.has_masks:
         raise ValueError(f"loss=trust_mask needs masks, but data={type(datamodule).__name__} has none; "
@@ -185,7 +205,7 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -199,6 +219,16 @@ def main(cfg: DictConfig) -> float | None:
                   type(err).__name__, err, cfg.paths.output_dir)
         return math.nan
     return metrics.get(f"best_{cfg.optimized_metric}", math.nan)
+
+
+def main() -> None:
+    """``python -m trustcnn.train``: check the overrides, then hand over to Hydra."""
+    try:
+        check_overrides(sys.argv[1:])
+    except UnknownConfigKeyError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from trustcnn.config_check import CONF_DIR
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides or []))
+
+
+def shrink(cfg: DictConfig, output_dir: Path, cache_dir: Path) -> DictConfig:
+    """CPU, one short epoch, a one-epoch pretraining, outputs under tmp dirs."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.limit_train_batches = 3
+        cfg.trainer.limit_val_batches = 2
+        cfg.trainer.limit_test_batches = 2
+        cfg.trainer.enable_progress_bar = False
+        cfg.grid_images = 4
+        if cfg.model.get("pretrain"):
+            cfg.model.pretrain.epochs = 1
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pretraining cache for the whole session (the CE network is made once per config)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    def factory(*overrides: str, output: str = "run") -> DictConfig:
+        return shrink(compose_config(list(overrides)), tmp_path / output, cache_dir)
+
+    return factory

@@ -1,0 +1,472 @@
+"""Shared pieces of every trustcnn datamodule: one way to load an image, transform it, split a
+dataset, build data loaders and undo the normalization.
+
+Every datamodule yields ``(image, label, mask)``:
+
+- ``image``: float32 ``(3, H, W)``, normalized with the datamodule's ``mean``/``std``;
+- ``label``: int64 0-dim tensor;
+- ``mask``: float32 ``(1, H, W)`` with object pixels = 1, everything else 0, or ``torch.zeros(0)`` when
+  the data has no masks (a batch then has masks of shape ``(N, 0)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from trustcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger("trustcnn.data")
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NO_MASK",
+    "BaseDataModule",
+    "DatasetLayoutError",
+    "ImageListDataset",
+    "build_transforms",
+    "denormalize",
+    "load_rgb",
+    "require_root",
+    "scan_images",
+    "stratified_split",
+    "stratified_subsample",
+]
+
+
+def NO_MASK() -> torch.Tensor:  # noqa: N802 - reads like a constant at call sites
+    """The mask of a sample from data without masks: an empty float tensor (batches to ``(N, 0)``)."""
+    return torch.zeros(0)
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root that is missing or whose layout does not match what the datamodule reads."""
+
+
+def require_root(root: str | os.PathLike | None, name: str, layout: str, fix: str) -> Path:
+    """Return ``root`` as an absolute ``Path`` or raise a :class:`DatasetLayoutError` that spells out
+    the expected layout and how to fix it."""
+    if root is None or str(root).strip() == "":
+        raise DatasetLayoutError(
+            f"{name}: no data root given (data.root is unset).\nExpected layout:\n{layout}\nFix: {fix}"
+        )
+    path = Path(os.path.expanduser(str(root))).resolve()
+    if not path.is_dir():
+        raise DatasetLayoutError(
+            f"{name}: data root {str(path)!r} does not exist or is not a directory.\n"
+            f"Expected layout:\n{layout}\nFix: {fix}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Fully decode the image at ``path`` and return it as an RGB PIL image.
+
+    Decodes by content, not by extension (a PNG named ``.jpg`` loads), converts grayscale, palette,
+    RGBA and CMYK images to RGB, and raises (``OSError``/``ValueError``/
+    ``PIL.UnidentifiedImageError``/``SyntaxError``) for anything that is not a complete image: empty or
+    random files, ``Thumbs.db``, truncated JPEGs. Truncation is detected only while PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False (its default); trustcnn never sets it.
+    """
+    with Image.open(path) as img:
+        img.load()  # a real decode: verify() alone misses truncated data
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit / float grayscale: rescale to 8 bit before RGB conversion
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        rgb = img.convert("RGB")
+        if rgb.width < 1 or rgb.height < 1:
+            raise ValueError(f"image {path} has no pixels")
+        return rgb
+
+
+def truncated_images_allowed() -> bool:
+    """Whether some code switched PIL's ``LOAD_TRUNCATED_IMAGES`` on (then truncation goes unnoticed)."""
+    return bool(ImageFile.LOAD_TRUNCATED_IMAGES)
+
+
+def build_transforms(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    augment: bool = True,
+    resize_ratio: float = 256 / 224,
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+) -> v2.Compose:
+    """The photo transform, applied jointly to an image and (optionally) a ``tv_tensors.Mask``.
+
+    - train with ``augment``: ``RandomResizedCrop(image_size, scale=crop_scale)`` + horizontal flip;
+    - otherwise (eval, or train without augment): ``Resize(round(image_size * resize_ratio))`` +
+      ``CenterCrop(image_size)`` (the classic 256 → 224 evaluation crop, scaled to ``image_size``).
+
+    Masks follow the same geometry with nearest-neighbour interpolation and are left unnormalized.
+    """
+    ops: list = [v2.ToImage()]
+    if train and augment:
+        ops += [
+            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+        ]
+    else:
+        ops += [
+            v2.Resize(int(round(image_size * resize_ratio)), antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    ops += [
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ]
+    return v2.Compose(ops)
+
+
+def denormalize(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Undo ``Normalize(mean, std)`` on ``(3, H, W)`` or ``(N, 3, H, W)`` and clamp to [0, 1]."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x * s + m).clamp(0.0, 1.0)
+
+
+DEFAULT_CACHE_DIR = "~/.cache/trustcnn"
+_SCAN_VERSION = 1
+
+
+def _decode_error(path: str) -> str | None:
+    """``None`` if ``path`` fully decodes with :func:`load_rgb`, else a one-line reason."""
+    try:
+        load_rgb(path)
+    except Exception as err:  # noqa: BLE001 - every failure is a reason to skip the file
+        return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+    return None
+
+
+def scan_images(
+    root: Path,
+    rel_paths: Sequence[str],
+    cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+    workers: int | None = None,
+    name: str = "images",
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Find which files under ``root`` are decodable images, by a real decode of each one.
+
+    The result is cached in ``cache_dir`` (never in ``root``, which may be read-only) in a JSON file
+    keyed by ``name`` and the resolved ``root``; a file is re-decoded only when its size or mtime changed, so a
+    second run over 25k files costs one ``stat`` per file. ``cache_dir=None`` disables the cache; an
+    unwritable cache directory only logs a warning.
+
+    Args:
+        root: directory the relative paths are relative to.
+        rel_paths: files to check, relative to ``root`` (``/``-separated).
+        cache_dir: where the scan cache lives (``~`` is expanded).
+        workers: decoding threads (PIL releases the GIL while decoding); default ``min(8, cpus)``.
+        name: what to call the data in log messages.
+
+    Returns:
+        ``(valid, skipped)``: the valid relative paths in input order, and ``(rel_path, reason)`` for
+        every skipped file.
+    """
+    root = Path(root).resolve()
+    stats: dict[str, tuple[int, int]] = {}
+    for rel in rel_paths:
+        st = os.stat(root / rel)
+        stats[rel] = (int(st.st_size), int(st.st_mtime_ns))
+
+    cache_file = None
+    cached: dict = {}
+    if cache_dir is not None:
+        key = hashlib.sha1(f"{name}\0{root}".encode()).hexdigest()[:16]
+        cache_file = Path(os.path.expanduser(str(cache_dir))) / f"scan-{key}.json"
+        try:
+            data = json.loads(cache_file.read_text())
+            if data.get("version") == _SCAN_VERSION and data.get("root") == str(root):
+                cached = data.get("files", {})
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as err:
+            log.warning("%s: ignoring unreadable scan cache %s (%s)", name, cache_file, err)
+
+    results: dict[str, str | None] = {}
+    todo = []
+    for rel in rel_paths:
+        entry = cached.get(rel)
+        if entry is not None and (entry.get("size"), entry.get("mtime_ns")) == stats[rel]:
+            results[rel] = entry.get("error")
+        else:
+            todo.append(rel)
+
+    if todo:
+        if truncated_images_allowed():
+            log.warning(
+                "%s: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code); truncated files "
+                "will pass the validity scan", name,
+            )
+        workers = workers or min(8, os.cpu_count() or 1)
+        log.info("%s: decoding %d of %d files to check them (%d workers)", name, len(todo),
+                 len(rel_paths), workers)
+        paths = [str(root / rel) for rel in todo]
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                errors = list(pool.map(_decode_error, paths, chunksize=16))
+        else:
+            errors = [_decode_error(p) for p in paths]
+        results.update(zip(todo, errors))
+        if cache_file is not None:
+            files = {
+                rel: {"size": stats[rel][0], "mtime_ns": stats[rel][1], "error": results[rel]}
+                for rel in rel_paths
+            }
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".scan-", suffix=".json")
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({"version": _SCAN_VERSION, "root": str(root), "files": files}, fh)
+                os.replace(tmp, cache_file)
+            except OSError as err:
+                log.warning("%s: could not write the scan cache %s (%s); the next run will decode "
+                            "again (set data.cache_dir to a writable folder)", name, cache_file, err)
+    else:
+        log.info("%s: all %d files known from the scan cache %s", name, len(rel_paths), cache_file)
+
+    valid = [rel for rel in rel_paths if results[rel] is None]
+    skipped = [(rel, results[rel]) for rel in rel_paths if results[rel] is not None]
+    if skipped:
+        first = "; ".join(f"{rel} ({why})" for rel, why in skipped[:5])
+        log.warning(
+            "%s: skipped %d of %d files under %s that are not decodable images; first %d: %s",
+            name, len(skipped), len(rel_paths), root, min(5, len(skipped)), first,
+        )
+    return valid, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+
+def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
+    """Split the integer ``total`` into parts proportional to ``weights`` (they sum to ``total``)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    parts = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - parts), kind="stable")
+    for i in order[: total - parts.sum()]:
+        parts[i] += 1
+    return parts.tolist()
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int
+) -> list[np.ndarray]:
+    """Deterministic stratified split of ``range(len(labels))`` into ``len(fractions)`` parts.
+
+    Each class's samples are shuffled with ``numpy.random.default_rng(seed)`` (one generator, classes
+    in sorted order) and cut by per-class largest-remainder rounding of ``fractions``, so every class
+    keeps its proportion in every part (up to one sample) and the result depends only on ``labels``,
+    ``fractions`` and ``seed``. Returns sorted index arrays, one per part.
+    """
+    labels = np.asarray(labels)
+    fractions = [float(f) for f in fractions]
+    if any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split fractions must be >= 0 with a positive sum, got {fractions}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        counts = _largest_remainder(len(idx), fractions)
+        start = 0
+        for p, k in enumerate(counts):
+            parts[p].append(idx[start : start + k])
+            start += k
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=int) for p in parts]
+
+
+def split_fractions(val_fraction: float, test_fraction: float = 0.0) -> list[float]:
+    """``[train, val, test]`` fractions from the two configurable ones, validated."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and val_fraction + test_fraction < 1, got "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+    return [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
+
+
+def stratified_subsample(
+    labels: Sequence[int] | np.ndarray, size: int | None, seed: int
+) -> np.ndarray:
+    """Deterministically pick ``size`` indices, stratified by label (class proportions kept by
+    largest-remainder rounding). ``None`` or ``size >= len(labels)`` keeps everything."""
+    labels = np.asarray(labels)
+    if size is None or size >= len(labels):
+        return np.arange(len(labels))
+    if size <= 0:
+        raise ValueError(f"subset_size must be positive, got {size}")
+    frac = size / len(labels)
+    return stratified_split(labels, [frac, 1.0 - frac], seed)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets and the datamodule base
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageListDataset(Dataset):
+    """Images read from files, ``(image, label, mask)`` items, robust to files that fail late.
+
+    Args:
+        paths: image files.
+        labels: integer labels, one per path.
+        transform: joint transform ``(PIL image[, tv_tensors.Mask]) -> (tensor[, mask])``.
+        mask_fn: optional ``index -> uint8 array (H, W)`` of object (1) / other (0) pixels, at the
+            image's resolution; ``None`` for data without masks.
+
+    If a file cannot be decoded (e.g. it changed after the validity scan), the item falls back
+    deterministically to the next index that loads and logs a warning naming the file; the dataset
+    never raises mid-epoch unless no file at all can be read.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int],
+        transform: Callable,
+        mask_fn: Callable[[int], np.ndarray] | None = None,
+    ) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [str(p) for p in paths]
+        self.labels = [int(y) for y in labels]
+        self.transform = transform
+        self.mask_fn = mask_fn
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = load_rgb(self.paths[index])
+        if self.mask_fn is None:
+            x = self.transform(img)
+            return x.as_subclass(torch.Tensor), NO_MASK()
+        m = np.asarray(self.mask_fn(index), dtype=np.uint8)
+        if m.shape != (img.height, img.width):  # never in the official data; align, don't fail
+            m = np.asarray(Image.fromarray(m).resize(img.size, Image.NEAREST))
+        x, mask = self.transform(img, tv_tensors.Mask(torch.from_numpy(m.copy())[None]))
+        return x.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).to(torch.float32)
+
+    def __getitem__(self, index: int):
+        n = len(self.paths)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                x, mask = self._load(j)
+            except Exception as err:  # noqa: BLE001 - any unreadable file must not kill the epoch
+                self._bad.add(j)
+                log.warning(
+                    "could not load %s (%s: %s); using the next readable sample instead",
+                    self.paths[j], type(err).__name__, err,
+                )
+                continue
+            return x, torch.tensor(self.labels[j], dtype=torch.int64), mask
+        raise RuntimeError(f"none of the {n} images of this dataset could be loaded")
+
+
+class BaseDataModule(pl.LightningDataModule):
+    """Common constructor arguments, data loaders and :meth:`denormalize` of trustcnn datamodules.
+
+    Subclasses set, in ``__init__``: ``num_classes``, ``class_names``, ``has_masks``, ``mean``, ``std``,
+    ``test_set_names``; and in ``setup``: ``train_set``, ``val_set`` and ``test_sets`` (one dataset
+    per entry of ``test_set_names``).
+    """
+
+    def __init__(
+        self,
+        root: str | None,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        image_size: int,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.image_size = int(image_size)
+        self.pin_memory = bool(pin_memory)
+        self.test_set_names: list[str] = ["test"]
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_sets: list[Dataset] | None = None
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (for plotting) from normalized ``(3,H,W)`` or ``(N,3,H,W)`` tensors."""
+        return denormalize(x, self.mean, self.std)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
+        generator = torch.Generator().manual_seed(self.seed) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.test_sets is None:
+            return self._loader(None, train=False)
+        loaders = [self._loader(d, train=False) for d in self.test_sets]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.test_dataloader()
+
+    def split_sizes(self) -> dict[str, int]:
+        """Number of samples per split (after setup)."""
+        out = {"train": len(self.train_set or []), "val": len(self.val_set or [])}
+        for name, d in zip(self.test_set_names, self.test_sets or []):
+            out[name] = len(d)
+        return out

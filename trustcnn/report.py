@@ -1,0 +1,652 @@
+"""Aggregate a Hydra multirun of ``python -m trustcnn.train -m`` into paper-style tables and plots.
+
+``python -m trustcnn.report <sweep dir> [--out DIR] [--metric test/acc] [--evaluate]`` writes (into the
+sweep dir unless ``--out``):
+
+* ``results.csv``: one row per job — status, overrides, key config values, every metric, the error;
+* ``report.md``: Table 1 (accuracy / precision / recall per model = loss × saliency, and ablation; mean ± std
+  over seeds), Table 2 (the same with 95% CIs), Table 3 (the case table of the best job and the baseline),
+  test-time localization metrics, the list of every job and a **Failed jobs** section;
+* ``heatmap_<metric>.png``: the metric over the lr × λ grid (only when the sweep varies both);
+* ``saliency_best_vs_baseline.png``: maps of the best job next to the baseline's (``loss=ce``) job.
+
+Jobs are grouped by every varied setting except ``seed``, so seeds are the repetitions a group's mean,
+std and CI are taken over. Confidence intervals (Table 2): with >= 2 seeds, the t-interval over seeds
+``mean ± t(0.975, k-1)·sd/√k``; with one seed, the Wilson interval of the metric as a proportion of the
+``n`` test images the job was tested on (exact for accuracy; an approximation for macro precision /
+recall, which are not one binomial proportion). ``n`` is the size of the first test set of the job's data
+config, reduced by ``trainer.limit_test_batches``; when it cannot be determined the cell shows the value only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats
+
+from trustcnn.metrics import CASE_NAMES, wilson_interval
+
+log = logging.getLogger("trustcnn.report")
+
+#: Config values read from each job's resolved ``config.yaml`` (column name -> dotted key).
+KEY_CONFIG: dict[str, str] = {
+    "loss": "loss.name",
+    "lam": "loss.lam",
+    "form": "loss.form",
+    "lr": "optim.lr",
+    "ablation": "ablation.name",
+    "saliency": "saliency.method",
+    "seed": "seed",
+}
+# Override keys already described by KEY_CONFIG (config-group choices and the keys themselves).
+_COVERED_OVERRIDES = {"loss", "ablation", "saliency", "seed", *KEY_CONFIG.values()}
+CLASSIFICATION = ("test/acc", "test/precision", "test/recall")
+LOCALIZATION = ("test/pointing_game", "test/energy_pointing_game", "test/s_hat", "test_consistent/acc")
+_JOB_MARKERS = ("metrics.json", "error.json", "config.yaml", ".hydra/overrides.yaml")
+_SKIP_DIRS = {".hydra", "checkpoints", "csv", "wandb", "evaluation"}
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep.
+
+    Attributes:
+        job: the job directory relative to the sweep directory.
+        num: Hydra's job number (``None`` if unknown).
+        overrides: the job's command-line overrides, ``key -> value`` (keys keep Hydra's ``+``/``++``).
+        config: :data:`KEY_CONFIG` values (``None`` where the config lacks the key, e.g. λ for ``loss=ce``).
+        metrics: the job's ``metrics.json``.
+        status: ``"ok"`` (has metrics.json) or ``"failed"``.
+        error: the error of a failed job (from ``error.json``, else why it counts as failed).
+        test_size: test images the metrics were computed on, when known.
+    """
+
+    job: str
+    path: Path
+    num: int | None
+    overrides: dict[str, str]
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    status: str
+    error: str | None = None
+    test_size: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _find_job_dirs(sweep: Path) -> list[Path]:
+    """Job directories under ``sweep``: a directory holding any of :data:`_JOB_MARKERS`.
+
+    The search is recursive because an override value with a ``/`` (e.g. ``paths.cache_dir=/tmp/x``) ends
+    up in Hydra's ``override_dirname`` and nests the job directory several levels deep.
+    """
+    found: list[Path] = []
+
+    def walk(d: Path) -> None:
+        if any((d / m).exists() for m in _JOB_MARKERS):
+            found.append(d)
+            return
+        for child in sorted(p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS):
+            walk(child)
+
+    for child in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS):
+        walk(child)
+    return found
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _overrides_from_name(rel: str) -> dict[str, str]:
+    """Fallback when ``.hydra/overrides.yaml`` is missing: ``<num>_k=v,k=v`` (values with ``,`` are ambiguous)."""
+    name = re.sub(r"^\d+_", "", rel)
+    out: dict[str, str] = {}
+    key = None
+    for part in name.split(","):
+        k, sep, v = part.partition("=")
+        if sep:
+            key = k
+            out[k] = v
+        elif key is not None:  # a comma inside a value
+            out[key] += "," + part
+    return out
+
+
+def _load_config(job_dir: Path) -> DictConfig | None:
+    for path in (job_dir / "config.yaml", job_dir / ".hydra" / "config.yaml"):
+        if path.exists():
+            try:
+                return OmegaConf.load(path)
+            except Exception as err:  # noqa: BLE001 - a broken file must not hide the other jobs
+                log.warning("cannot read %s: %s", path, err)
+    return None
+
+
+def _select(cfg: DictConfig | None, key: str) -> Any:
+    if cfg is None:
+        return None
+    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value, resolve=False) if isinstance(value, DictConfig) else value
+
+
+def _job_num(job_dir: Path, rel: str) -> int | None:
+    match = re.match(r"(\d+)_", rel) or re.fullmatch(r"(\d+)", rel.split("/")[0])
+    if match:
+        return int(match.group(1))
+    hydra_file = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.exists():
+        num = _select(OmegaConf.load(hydra_file), "hydra.job.num")
+        return int(num) if num is not None else None
+    return None
+
+
+def collect_sweep(sweep_dir: str | Path) -> list[JobResult]:
+    """Every job of a sweep directory, finished or not, ordered by job number.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` does not exist or holds no job directory.
+    """
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"{sweep} is not a directory; pass the sweep directory of `python -m trustcnn.train -m` "
+                                "(e.g. outputs/train/multiruns/<time>, or the hydra.sweep.dir you set).")
+    jobs: list[JobResult] = []
+    for job_dir in _find_job_dirs(sweep):
+        rel = job_dir.relative_to(sweep).as_posix()
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        if overrides_file.exists():
+            overrides = _parse_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)) or [])
+        else:
+            overrides = _overrides_from_name(rel)
+        cfg = _load_config(job_dir)
+        config = {col: _select(cfg, key) for col, key in KEY_CONFIG.items()}
+        metrics: dict[str, float] = {}
+        error = None
+        metrics_file, error_file = job_dir / "metrics.json", job_dir / "error.json"
+        if error_file.exists():
+            try:
+                error = json.loads(error_file.read_text()).get("error") or "unknown error (error.json has no 'error')"
+            except json.JSONDecodeError as err:
+                error = f"unreadable error.json: {err}"
+        if metrics_file.exists():
+            try:
+                metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items()}
+            except (json.JSONDecodeError, TypeError, ValueError) as err:
+                error = error or f"unreadable metrics.json: {err}"
+        elif error is None:
+            error = "no metrics.json and no error.json: the job did not finish (still running, or killed)"
+        status = "ok" if metrics and error is None else "failed"
+        jobs.append(JobResult(rel, job_dir, _job_num(job_dir, rel), overrides, config, metrics, status, error,
+                              extra={"cfg": cfg}))
+    if not jobs:
+        raise FileNotFoundError(f"No job directory under {sweep} (none holds metrics.json, error.json, config.yaml or "
+                                ".hydra/overrides.yaml); pass the sweep directory of `python -m trustcnn.train -m`.")
+    jobs.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, j.job))
+    return jobs
+
+
+def tested_image_count(cfg: DictConfig | None) -> int | None:
+    """Images a run was tested on: its data's first test set, cut by ``trainer.limit_test_batches``.
+
+    Instantiates the datamodule of the run's resolved config (cheap for decoy digits; scans files for the
+    image folders). ``None`` when that fails (e.g. the data is not on this machine).
+    """
+    if cfg is None or "data" not in cfg:
+        return None
+    from hydra.utils import instantiate
+
+    try:
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        n, batch = len(loader.dataset), int(loader.batch_size or 1)
+    except Exception as err:  # noqa: BLE001 - the report goes on without CIs from the test size
+        log.warning("cannot determine the test-set size (%s: %s)", type(err).__name__, err)
+        return None
+    limit = _select(cfg, "trainer.limit_test_batches")
+    batches = math.ceil(n / batch)
+    if isinstance(limit, bool) or limit is None:
+        return n
+    if isinstance(limit, int):
+        return min(n, limit * batch)
+    return min(n, int(batches * float(limit)) * batch)
+
+
+def _attach_test_sizes(jobs: list[JobResult]) -> None:
+    cache: dict[str, int | None] = {}
+    for job in jobs:
+        cfg = job.extra.get("cfg")
+        if not job.ok or cfg is None:
+            continue
+        key = OmegaConf.to_yaml({"data": cfg.get("data"), "limit": _select(cfg, "trainer.limit_test_batches")})
+        if key not in cache:
+            cache[key] = tested_image_count(cfg)
+        job.test_size = cache[key]
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+# Settings of the trust losses that mean nothing for the loss=ce baseline.
+_TRUST_ONLY = ("ablation", "lam", "form")
+
+
+def _setting(job: JobResult, column: str) -> Any:
+    if job.config.get("loss") == "ce" and column in _TRUST_ONLY:
+        return None
+    return job.config.get(column)
+
+
+def varying_keys(jobs: list[JobResult]) -> tuple[list[str], list[str]]:
+    """``(config columns, extra override keys)`` whose values differ between jobs (``seed`` excluded).
+
+    A trust-loss setting (λ, form, ablation) varies only if it differs between trust-loss jobs.
+    """
+    config_cols = [c for c in KEY_CONFIG if c != "seed"
+                   and len({_fmt_value(_setting(j, c)) for j in jobs if _setting(j, c) is not None}) > 1]
+    keys = sorted({k for j in jobs for k in j.overrides})
+    extra = [k for k in keys if k.lstrip("+~") not in _COVERED_OVERRIDES
+             and len({j.overrides.get(k) for j in jobs}) > 1]
+    return config_cols, extra
+
+
+def _group_key(job: JobResult, config_cols: list[str], extra: list[str]) -> tuple[tuple[str, str], ...]:
+    """Setting of a job that defines its group (model): loss × saliency, ablation, and every varied key."""
+    cols = ["loss", "saliency", "ablation", *[c for c in config_cols if c not in ("loss", "saliency", "ablation")]]
+    items = [(c, _fmt_value(_setting(job, c))) for c in cols]
+    items += [(k, _fmt_value(job.overrides.get(k))) for k in extra]
+    return tuple(items)
+
+
+def group_jobs(jobs: list[JobResult]) -> dict[tuple[tuple[str, str], ...], list[JobResult]]:
+    """Finished jobs grouped by every varied setting except the seed."""
+    ok = [j for j in jobs if j.ok]
+    config_cols, extra = varying_keys(jobs)
+    groups: dict[tuple[tuple[str, str], ...], list[JobResult]] = defaultdict(list)
+    for job in ok:
+        groups[_group_key(job, config_cols, extra)].append(job)
+    return dict(groups)
+
+
+def _values(group: list[JobResult], metric: str) -> np.ndarray:
+    v = np.array([j.metrics.get(metric, math.nan) for j in group], dtype=np.float64)
+    return v[np.isfinite(v)]
+
+
+def mean_std(group: list[JobResult], metric: str) -> str:
+    v = _values(group, metric)
+    if v.size == 0:
+        return "—"
+    if v.size == 1:
+        return f"{v[0]:.3f}"
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def confidence_interval(group: list[JobResult], metric: str) -> tuple[float, float, float, str]:
+    """``(mean, low, high, method)``: t-interval over seeds, else Wilson over the test images, else no CI."""
+    v = _values(group, metric)
+    if v.size == 0:
+        return math.nan, math.nan, math.nan, "—"
+    mean = float(v.mean())
+    if v.size >= 2:
+        half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+        return mean, mean - half, mean + half, f"t, {v.size} seeds"
+    n = group[0].test_size
+    if n and 0.0 <= mean <= 1.0:
+        low, high = wilson_interval(mean * n, n)
+        return mean, low, high, f"Wilson, n={n}"
+    return mean, math.nan, math.nan, "no CI"
+
+
+def _fmt_ci(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _model_cells(key: tuple[tuple[str, str], ...]) -> tuple[str, list[str], list[str]]:
+    """``(model = loss × saliency, setting column names, setting values)`` of a group key."""
+    d = dict(key)
+    model = f"{d.pop('loss')} × {d.pop('saliency')}"
+    return model, list(d), list(d.values())
+
+
+def _seeds(group: list[JobResult]) -> str:
+    seeds = sorted({_fmt_value(j.config.get("seed")) for j in group})
+    return f"{len(group)}" + (f" ({', '.join(seeds)})" if len(group) > 1 else "")
+
+
+def _metric_table(groups: dict, metrics: Sequence[str], cell) -> list[str]:
+    if not groups:
+        return ["No finished job.", ""]
+    first = next(iter(groups))
+    _, setting_cols, _ = _model_cells(first)
+    header = ["model", *setting_cols, "jobs", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, group in sorted(groups.items(), key=lambda kv: (dict(kv[0])["loss"] != "ce", kv[0])):
+        model, _, values = _model_cells(key)
+        lines.append("| " + " | ".join([model, *values, _seeds(group), *[cell(group, m) for m in metrics]]) + " |")
+    return lines + [""]
+
+
+def pick_best(jobs: list[JobResult], metric: str, mode: str = "max") -> JobResult | None:
+    """The finished job with the best ``metric``; a non-baseline job when there is one."""
+    scored = [j for j in jobs if j.ok and math.isfinite(j.metrics.get(metric, math.nan))]
+    trained = [j for j in scored if j.config.get("loss") != "ce"] or scored
+    if not trained:
+        return None
+    pick = max if mode == "max" else min
+    return pick(trained, key=lambda j: j.metrics[metric])
+
+
+def pick_baseline(jobs: list[JobResult], best: JobResult | None, metric: str) -> JobResult | None:
+    """A finished ``loss=ce`` job: the one with the best job's seed if any, else the best by ``metric``."""
+    ce = [j for j in jobs if j.ok and j.config.get("loss") == "ce"]
+    if not ce:
+        return None
+    same_seed = [j for j in ce if best is not None and j.config.get("seed") == best.config.get("seed")]
+    return max(same_seed or ce, key=lambda j: j.metrics.get(metric, -math.inf))
+
+
+def _case_table_from_metrics(job: JobResult) -> dict[str, float] | None:
+    for prefix in ("test/", ""):
+        if f"{prefix}case1_fraction" in job.metrics:
+            return {k[len(prefix):]: v for k, v in job.metrics.items() if k.startswith(prefix)}
+    return None
+
+
+def _case_table_lines(tables: dict[str, dict[str, float]]) -> list[str]:
+    names = list(tables)
+    lines = ["| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in range(1, 5):
+        cells = []
+        for n in names:
+            t = tables[n]
+            cells.append(_fmt_ci(t[f"case{c}_fraction"], t.get(f"case{c}_ci_low", math.nan),
+                                 t.get(f"case{c}_ci_high", math.nan))
+                         + (f" ({int(t[f'case{c}_count'])})" if f"case{c}_count" in t else ""))
+        lines.append(f"| {c}: {CASE_NAMES[c]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
+    """``metric`` over lr × λ (mean over seeds), one panel per setting of the other varied keys.
+
+    Returns the PNG path, or the reason no heatmap was drawn. Cells of failed jobs read "failed".
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trust = [j for j in jobs if j.config.get("loss") != "ce" and j.config.get("lr") is not None
+             and j.config.get("lam") is not None]
+    lrs = sorted({float(j.config["lr"]) for j in trust})
+    lams = sorted({float(j.config["lam"]) for j in trust})
+    if len(lrs) < 2 or len(lams) < 2:
+        return (f"the sweep does not vary both optim.lr ({len(lrs)} value(s)) and loss.lam ({len(lams)} value(s)) "
+                "over trust-loss jobs")
+    config_cols, extra = varying_keys(trust)
+    panel_cols = [c for c in config_cols if c not in ("lr", "lam")]
+    panels: dict[tuple, list[JobResult]] = defaultdict(list)
+    for j in trust:
+        panels[tuple((c, _fmt_value(j.config.get(c))) for c in panel_cols)
+               + tuple((k, _fmt_value(j.overrides.get(k))) for k in extra
+                       if k.lstrip("+~") not in ("optim.lr", "loss.lam"))].append(j)
+    finite = _values([j for j in trust if j.ok], metric)
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * len(lams) * len(panels), 1.2 + 0.9 * len(lrs)),
+                             squeeze=False)
+    for ax, (panel, members) in zip(axes[0], sorted(panels.items())):
+        grid = np.full((len(lrs), len(lams)), np.nan)
+        labels = [["" for _ in lams] for _ in lrs]
+        for r, lr in enumerate(lrs):
+            for c, lam in enumerate(lams):
+                cell = [j for j in members if float(j.config["lr"]) == lr and float(j.config["lam"]) == lam]
+                values = _values([j for j in cell if j.ok], metric)
+                if values.size:
+                    grid[r, c] = values.mean()
+                    labels[r][c] = f"{values.mean():.3f}" + (f"\n±{values.std(ddof=1):.3f}" if values.size > 1 else "")
+                    if any(not j.ok for j in cell):
+                        labels[r][c] += f"\n({sum(not j.ok for j in cell)} failed)"
+                elif cell:
+                    labels[r][c] = "failed" if any(not j.ok for j in cell) else "n/a"
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+        for r in range(len(lrs)):
+            for c in range(len(lams)):
+                if labels[r][c]:
+                    dark = np.isfinite(grid[r, c]) and grid[r, c] < (vmin + vmax) / 2
+                    ax.text(c, r, labels[r][c], ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")
+        ax.set_xticks(range(len(lams)), [f"{v:g}" for v in lams])
+        ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+        ax.set_xlabel("λ (loss.lam)")
+        ax.set_ylabel("lr (optim.lr)")
+        ax.set_title(", ".join(f"{k}={v}" for k, v in panel), fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"{metric} (mean over seeds)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_results_csv(jobs: list[JobResult], path: Path) -> Path:
+    """One row per job: job, num, status, overrides, key config values, test size, every metric, error."""
+    metric_keys = sorted({k for j in jobs for k in j.metrics})
+    header = ["job", "num", "status", "overrides", *KEY_CONFIG, "test_size", *metric_keys, "error"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for j in jobs:
+            writer.writerow([
+                j.job, j.num, j.status, " ".join(f"{k}={v}" for k, v in j.overrides.items()),
+                *[j.config.get(c) for c in KEY_CONFIG], j.test_size,
+                *[j.metrics.get(k, "") for k in metric_keys], j.error or "",
+            ])
+    return path
+
+
+def write_report(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    metric: str = "test/acc",
+    mode: str = "max",
+    evaluate: bool = False,
+    eval_max_images: int | None = None,
+    grid: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Collect a sweep and write ``results.csv``, ``report.md``, the heatmap and the best-vs-baseline grid.
+
+    Args:
+        sweep_dir: the multirun directory.
+        out_dir: where to write (default: ``sweep_dir``).
+        metric: the metric that picks the best job and colors the heatmap.
+        mode: ``"max"`` or ``"min"``: whether a higher or lower ``metric`` is better.
+        evaluate: when the jobs' metrics hold no case table, compute it with :func:`trustcnn.evaluate.evaluate_runs`
+            on the best job and the baseline (writes ``<out>/evaluation/``).
+        eval_max_images: limit the images of that evaluation.
+        grid: draw the saliency grid of the best job against the baseline (needs a ``loss=ce`` job).
+
+    Returns:
+        ``{"jobs": [...], "best": JobResult | None, "baseline": ..., "files": {name: path}, "notes": [...]}``.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    jobs = collect_sweep(sweep_dir)
+    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = [j for j in jobs if j.ok]
+    available = sorted({k for j in ok for k in j.metrics})
+    if ok and metric not in available:
+        raise ValueError(f"No finished job has the metric {metric!r}; choose one of: {', '.join(available)}.")
+    _attach_test_sizes(jobs)
+    files: dict[str, Path] = {"results.csv": write_results_csv(jobs, out / "results.csv")}
+    notes: list[str] = []
+    groups = group_jobs(jobs)
+    best = pick_best(jobs, metric, mode)
+    baseline = pick_baseline(jobs, best, metric)
+
+    md = [f"# Sweep report: `{Path(sweep_dir)}`", "",
+          f"{len(jobs)} jobs: {len(ok)} finished, {len(jobs) - len(ok)} failed. Best by `{metric}` ({mode}): "
+          + (f"job {best.num} ({best.metrics[metric]:.4f})" if best else "none") + "; baseline (loss=ce): "
+          + (f"job {baseline.num}" if baseline else "none") + ".", ""]
+
+    present = [m for m in CLASSIFICATION if m in available]
+    md += ["## Table 1: classification (mean ± std over seeds)", "",
+           "Rows: model (loss × saliency method) and ablation, plus every other setting the sweep varies; "
+           "`jobs` counts the seeds averaged.", ""]
+    md += _metric_table(groups, present or [metric], mean_std)
+    md += ["## Table 2: classification with 95% confidence intervals", "",
+           "With >= 2 seeds: t-interval over seeds. With one seed: Wilson interval over the n test images "
+           "(exact for accuracy, approximate for macro precision/recall). `—` where n is unknown.", ""]
+
+    def ci_cell(group: list[JobResult], m: str) -> str:
+        mean, low, high, method = confidence_interval(group, m)
+        return _fmt_ci(mean, low, high) + (f" ({method})" if math.isfinite(low) else "")
+
+    md += _metric_table(groups, present or [metric], ci_cell)
+
+    md += ["## Table 3: case table (paper's Table 3)", ""]
+    tables: dict[str, dict[str, float]] = {}
+    for label, job in (("baseline", baseline), ("best", best)):
+        t = _case_table_from_metrics(job) if job is not None else None
+        if t:
+            tables[f"{label}: job {job.num}"] = t
+    if not tables and evaluate and best is not None:
+        from trustcnn.evaluate import evaluate_runs
+
+        names = [f"best: job {best.num}"]
+        result = evaluate_runs(
+            [best.path], baseline=baseline.path if baseline is not None else None,
+            names=([f"baseline: job {baseline.num}"] if baseline is not None else []) + names,
+            out_dir=out / "evaluation", max_images=eval_max_images, device=device,
+        )
+        files["evaluation"] = out / "evaluation"
+        tables = {n: m["case_table"] for n, m in result["models"].items() if "case_table" in m}
+        if tables:
+            md += [f"Computed by `trustcnn.evaluate` on {result['data']['num_images']} test images "
+                   f"(full results in `{out / 'evaluation'}`). Accurate map: energy pointing game >= "
+                   f"{result['settings']['accurate_threshold']}; fraction [Wilson 95% CI] (count).", ""]
+        else:
+            md += ["The data has no masks: no case table.", ""]
+    if tables:
+        md += _case_table_lines(tables)
+    elif not evaluate:
+        md += ["The jobs' metrics hold no case table; run the report with `--evaluate` to compute it on the best "
+               "job and the baseline.", ""]
+
+    other = [m for m in LOCALIZATION if m in available]
+    if other:
+        md += ["## Test-time localization and decoy reliance (mean ± std over seeds)", ""]
+        md += _metric_table(groups, other, mean_std)
+
+    safe_metric = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
+    heat = write_heatmap(jobs, metric, out / f"heatmap_{safe_metric}.png")
+    md += [f"## `{metric}` over lr × λ", ""]
+    if isinstance(heat, Path):
+        files[heat.name] = heat
+        md += [f"![heatmap]({heat.name})", ""]
+    else:
+        notes.append(f"No heatmap: {heat}.")
+        md += [f"No heatmap: {heat}.", ""]
+
+    md += ["## Saliency maps: best job vs. baseline", ""]
+    if grid and best is not None and baseline is not None and best is not baseline:
+        from trustcnn.evaluate import load_models, save_comparison_grid
+
+        loaded, _ = load_models([best.path], baseline=baseline.path,
+                                names=[f"baseline (job {baseline.num})", f"best (job {best.num})"])
+        path = save_comparison_grid(out / "saliency_best_vs_baseline.png", loaded, device=device or "cpu")
+        files[path.name] = path
+        md += [f"![saliency maps]({path.name})", ""]
+    else:
+        reason = ("disabled (--no-grid)" if not grid else "no finished loss=ce job to compare with"
+                  if baseline is None else "no finished trust-loss job")
+        notes.append(f"No saliency grid: {reason}.")
+        md += [f"No saliency grid: {reason}.", ""]
+
+    md += ["## All jobs", "", f"| job | status | overrides | {metric} |", "|---|---|---|---|"]
+    for j in jobs:
+        value = j.metrics.get(metric)
+        md.append(f"| {j.num} | {j.status} | `{' '.join(f'{k}={v}' for k, v in j.overrides.items())}` | "
+                  + (f"{value:.4f}" if value is not None else "—") + " |")
+    md += ["", "## Failed jobs", ""]
+    failed = [j for j in jobs if not j.ok]
+    if failed:
+        md += ["| job | overrides | error |", "|---|---|---|"]
+        md += [f"| {j.num} | `{' '.join(f'{k}={v}' for k, v in j.overrides.items())}` | "
+               f"{(j.error or '').replace('|', '/').splitlines()[0] if j.error else ''} |" for j in failed]
+        md += ["", "Tracebacks: `error.json` in each job directory.", ""]
+    else:
+        md += ["None.", ""]
+    (out / "report.md").write_text("\n".join(md))
+    files["report.md"] = out / "report.md"
+    return {"jobs": jobs, "best": best, "baseline": baseline, "files": files, "notes": notes,
+            "markdown": "\n".join(md)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trustcnn.report",
+                                description="Aggregate a `python -m trustcnn.train -m` sweep into results.csv, "
+                                            "report.md (paper-style tables), an lr × λ heatmap and a saliency grid.")
+    p.add_argument("sweep_dir", help="the multirun directory (holds multirun.yaml and one directory per job)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: the sweep directory)")
+    p.add_argument("--metric", default="test/acc", help="metric that picks the best job and colors the heatmap")
+    p.add_argument("--mode", choices=["max", "min"], default="max", help="whether higher or lower --metric is better")
+    p.add_argument("--evaluate", action="store_true",
+                   help="compute the case table with trustcnn.evaluate on the best job and the baseline "
+                        "when the jobs' metrics lack it (slower)")
+    p.add_argument("--eval-max-images", type=int, metavar="N", help="test images for --evaluate (default all)")
+    p.add_argument("--no-grid", action="store_true", help="skip the best-vs-baseline saliency grid")
+    p.add_argument("--device", help="device for --evaluate and the grid (default: cuda when available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m trustcnn.report``: write the report and print report.md."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = write_report(args.sweep_dir, args.out, args.metric, args.mode, args.evaluate,
+                              args.eval_max_images, not args.no_grid, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(result["markdown"])
+    print("\nWritten: " + ", ".join(str(p) for p in result["files"].values()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] %(message)s")
+    main()
