@@ -34,6 +34,7 @@ def test_default_run_writes_config_checkpoints_metrics_and_grid(make_cfg, capsys
                 "test_consistent/acc"):
         assert key in saved and 0.0 <= saved[key] <= 1.0, key
     assert saved == pytest.approx(metrics)
+    assert sum(saved[f"test/case{c}_fraction"] for c in range(1, 5)) == pytest.approx(1.0)
     assert "| test/acc |" in capsys.readouterr().out
     logged = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for term in ("train/loss", "train/ce", "train/r1", "train/r2", "train/reg", "train/s_hat", "val/acc"):
@@ -103,6 +104,7 @@ def test_wandb_offline_run_records_metrics(make_cfg, monkeypatch) -> None:
     for key in ("train/r1_epoch", "train/s_hat_epoch", "val/acc", "val/energy_pointing_game"):
         assert _wandb_logged_values(run_file, key), key
     assert list(runs[0].glob("files/media/images/val/saliency_*.png"))
+    assert list(runs[0].glob("files/media/table/test/case_table_*.table.json"))
     import wandb
 
     assert wandb.run is None  # finished

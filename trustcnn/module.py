@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision, MulticlassRecall
 
-from trustcnn.metrics import EnergyPointingGame, PointingGame
+from trustcnn.metrics import CASE_NAMES, CaseTable, EnergyPointingGame, PointingGame
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.freeze import freeze_except, set_frozen_batchnorm_eval
 from trustcnn.saliency import SaliencyOutput, build_saliency
@@ -81,6 +81,8 @@ class TrustModule(pl.LightningModule):
             f"{s}_metrics": MetricCollection({"pointing_game": PointingGame(tolerance=pointing_tolerance), "energy_pointing_game": EnergyPointingGame()})
             for s in stages[1:]
         }) if has_masks else None
+        # The paper's Table 3, automated on the test sets when masks exist.
+        self.case_tables = nn.ModuleDict({f"{s}_metrics": CaseTable() for s in self.test_set_names}) if has_masks else None
 
     # Frozen means frozen statistics too. Lightning restores each sub-module's mode itself after
     # validation (bypassing train()), so the frozen BatchNorms are also put back before every batch.
@@ -139,6 +141,8 @@ class TrustModule(pl.LightningModule):
             mm = self.map_metrics[f"{stage}_metrics"]
             mm.update(maps, masks)
             self.log_dict({f"{stage}/{k}": m for k, m in mm.items()}, on_step=False, **log_kw)
+            if self.case_tables is not None and stage in self.test_set_names:
+                self.case_tables[f"{stage}_metrics"].update(logits.argmax(dim=1), y, maps, masks)
         return terms
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -151,6 +155,27 @@ class TrustModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._stage_step(batch, self.test_set_names[dataloader_idx])
+
+    def on_test_epoch_end(self) -> None:
+        if self.case_tables is None:
+            return
+        from pytorch_lightning.loggers import WandbLogger
+
+        for stage in self.test_set_names:
+            table = self.case_tables[f"{stage}_metrics"]
+            if not table.update_called:
+                continue
+            result = table.compute()
+            table.reset()
+            for c in range(1, 5):
+                for part in ("fraction", "ci_low", "ci_high"):
+                    self.log(f"{stage}/case{c}_{part}", result[f"case{c}_{part}"].float(), add_dataloader_idx=False)
+            for lg in self.loggers:
+                if isinstance(lg, WandbLogger):
+                    rows = [[c, CASE_NAMES[c], int(result[f"case{c}_count"]), float(result[f"case{c}_fraction"]),
+                             float(result[f"case{c}_ci_low"]), float(result[f"case{c}_ci_high"])] for c in range(1, 5)]
+                    lg.log_table(key=f"{stage}/case_table", columns=["case", "description", "count", "fraction",
+                                                                     "ci_low", "ci_high"], data=rows)
 
     def on_validation_epoch_end(self) -> None:
         from pytorch_lightning.loggers import WandbLogger
