@@ -5,8 +5,10 @@ sweep dir unless ``--out``):
 
 * ``results.csv``: one row per job — status, overrides, key config values, every metric, the error;
 * ``report.md``: Table 1 (accuracy / precision / recall per model = loss × saliency, and ablation; mean ± std
-  over seeds), Table 2 (the same with 95% CIs), Table 3 (the case table of the best job and the baseline),
-  test-time localization metrics, the list of every job and a **Failed jobs** section;
+  over seeds), Table 2 (the same with 95% CIs), Table 3 (the case table of the best job and the baseline:
+  from their ``metrics.json``, else — with ``--evaluate`` — computed by :mod:`trustcnn.evaluate`),
+  test-time localization metrics, the list of every job and a **Failed jobs** section. ``--evaluate`` also
+  runs the full evaluation of the best job against the baseline (``<out>/evaluation/``) and appends it;
 * ``heatmap_<metric>.png``: the metric over the lr × λ grid (only when the sweep varies both);
 * ``saliency_best_vs_baseline.png``: maps of the best job next to the baseline's (``loss=ce``) job.
 
@@ -71,6 +73,7 @@ class JobResult:
         status: ``"ok"`` (has metrics.json) or ``"failed"``.
         error: the error of a failed job (from ``error.json``, else why it counts as failed).
         test_size: test images the metrics were computed on, when known.
+        extra: anything else read from the job directory (``cfg``: its loaded config, or ``None``).
     """
 
     job: str
@@ -494,8 +497,9 @@ def write_report(
         out_dir: where to write (default: ``sweep_dir``).
         metric: the metric that picks the best job and colors the heatmap.
         mode: ``"max"`` or ``"min"``: whether a higher or lower ``metric`` is better.
-        evaluate: when the jobs' metrics hold no case table, compute it with :func:`trustcnn.evaluate.evaluate_runs`
-            on the best job and the baseline (writes ``<out>/evaluation/``).
+        evaluate: run :func:`trustcnn.evaluate.evaluate_runs` on the best job and the baseline (writes
+            ``<out>/evaluation/`` and adds its tables to the report); its case table fills Table 3 when the
+            jobs' metrics hold none.
         eval_max_images: limit the images of that evaluation.
         grid: draw the saliency grid of the best job against the baseline (needs a ``loss=ce`` job).
 
@@ -538,34 +542,46 @@ def write_report(
 
     md += _metric_table(groups, present or [metric], ci_cell)
 
+    evaluation = None
+    if evaluate and best is not None:
+        from trustcnn.evaluate import evaluate_runs
+
+        evaluation = evaluate_runs(
+            [best.path], baseline=baseline.path if baseline is not None else None,
+            names=([f"baseline: job {baseline.num}"] if baseline is not None else []) + [f"best: job {best.num}"],
+            out_dir=out / "evaluation", max_images=eval_max_images, device=device,
+        )
+        files["evaluation"] = out / "evaluation"
+
     md += ["## Table 3: case table (paper's Table 3)", ""]
     tables: dict[str, dict[str, float]] = {}
     for label, job in (("baseline", baseline), ("best", best)):
         t = _case_table_from_metrics(job) if job is not None else None
         if t:
             tables[f"{label}: job {job.num}"] = t
-    if not tables and evaluate and best is not None:
-        from trustcnn.evaluate import evaluate_runs
-
-        names = [f"best: job {best.num}"]
-        result = evaluate_runs(
-            [best.path], baseline=baseline.path if baseline is not None else None,
-            names=([f"baseline: job {baseline.num}"] if baseline is not None else []) + names,
-            out_dir=out / "evaluation", max_images=eval_max_images, device=device,
-        )
-        files["evaluation"] = out / "evaluation"
-        tables = {n: m["case_table"] for n, m in result["models"].items() if "case_table" in m}
+    if tables:
+        md += ["From the jobs' `metrics.json` (the test set; accurate map = energy pointing game >= 0.5). "
+               "Fraction [Wilson 95% CI].", ""]
+    elif evaluation is not None:
+        tables = {n: m["case_table"] for n, m in evaluation["models"].items() if "case_table" in m}
         if tables:
-            md += [f"Computed by `trustcnn.evaluate` on {result['data']['num_images']} test images "
-                   f"(full results in `{out / 'evaluation'}`). Accurate map: energy pointing game >= "
-                   f"{result['settings']['accurate_threshold']}; fraction [Wilson 95% CI] (count).", ""]
+            md += [f"Computed by `trustcnn.evaluate` on {evaluation['data']['num_images']} test images. Accurate "
+                   f"map: energy pointing game >= {evaluation['settings']['accurate_threshold']}; fraction "
+                   "[Wilson 95% CI] (count).", ""]
         else:
             md += ["The data has no masks: no case table.", ""]
-    if tables:
-        md += _case_table_lines(tables)
-    elif not evaluate:
+    else:
         md += ["The jobs' metrics hold no case table; run the report with `--evaluate` to compute it on the best "
                "job and the baseline.", ""]
+    if tables:
+        md += _case_table_lines(tables)
+    if evaluation is not None:
+        from trustcnn.evaluate import format_markdown
+
+        body = format_markdown(evaluation).split("\n", 1)[1]  # drop its top-level title
+        md += ["## Evaluation of the best job against the baseline (`--evaluate`)", "",
+               f"Also in `{out / 'evaluation'}` (evaluation.json, evaluation.md, saliency_comparison.png).", "",
+               body.replace("\n## ", "\n### "), ""]
 
     other = [m for m in LOCALIZATION if m in available]
     if other:
@@ -626,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="test/acc", help="metric that picks the best job and colors the heatmap")
     p.add_argument("--mode", choices=["max", "min"], default="max", help="whether higher or lower --metric is better")
     p.add_argument("--evaluate", action="store_true",
-                   help="compute the case table with trustcnn.evaluate on the best job and the baseline "
-                        "when the jobs' metrics lack it (slower)")
+                   help="also run trustcnn.evaluate on the best job and the baseline (SSIM vs baseline, "
+                        "faithfulness, randomization check; the case table when the jobs' metrics lack it); slower")
     p.add_argument("--eval-max-images", type=int, metavar="N", help="test images for --evaluate (default all)")
     p.add_argument("--no-grid", action="store_true", help="skip the best-vs-baseline saliency grid")
     p.add_argument("--device", help="device for --evaluate and the grid (default: cuda when available)")
