@@ -168,7 +168,7 @@ class TrustModule(pl.LightningModule):
             result = table.compute()
             table.reset()
             for c in range(1, 5):
-                for part in ("fraction", "ci_low", "ci_high"):
+                for part in ("count", "fraction", "ci_low", "ci_high"):
                     self.log(f"{stage}/case{c}_{part}", result[f"case{c}_{part}"].float(), add_dataloader_idx=False)
             for lg in self.loggers:
                 if isinstance(lg, WandbLogger):

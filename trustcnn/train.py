@@ -35,7 +35,7 @@ from trustcnn.saliency import get_module
 log = logging.getLogger("trustcnn.train")
 
 FINAL_METRICS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat",
-                 *(f"case{c}_{part}" for c in range(1, 5) for part in ("fraction", "ci_low", "ci_high")))
+                 *(f"case{c}_{part}" for c in range(1, 5) for part in ("count", "fraction", "ci_low", "ci_high")))
 
 
 def instantiate_plain(config: Any, **kwargs: Any) -> Any:
