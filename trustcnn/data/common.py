@@ -157,6 +157,7 @@ def denormalize(
 
 DEFAULT_CACHE_DIR = "~/.cache/trustcnn"
 _SCAN_VERSION = 1
+_NAMES_LOGGED = 10  # how many skipped file names a scan logs
 
 
 def _decode_error(path: str) -> str | None:
@@ -164,7 +165,8 @@ def _decode_error(path: str) -> str | None:
     try:
         load_rgb(path)
     except Exception as err:  # noqa: BLE001 - every failure is a reason to skip the file
-        return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+        reason = str(err).replace(str(path), os.path.basename(str(path))).replace("\n", " ")
+        return f"{type(err).__name__}: {reason}"[:200]
     return None
 
 
@@ -258,10 +260,10 @@ def scan_images(
     valid = [rel for rel in rel_paths if results[rel] is None]
     skipped = [(rel, results[rel]) for rel in rel_paths if results[rel] is not None]
     if skipped:
-        first = "; ".join(f"{rel} ({why})" for rel, why in skipped[:5])
+        first = "; ".join(f"{rel} ({why})" for rel, why in skipped[:_NAMES_LOGGED])
         log.warning(
             "%s: skipped %d of %d files under %s that are not decodable images; first %d: %s",
-            name, len(skipped), len(rel_paths), root, min(5, len(skipped)), first,
+            name, len(skipped), len(rel_paths), root, min(_NAMES_LOGGED, len(skipped)), first,
         )
     return valid, skipped
 
@@ -271,42 +273,35 @@ def scan_images(
 # --------------------------------------------------------------------------------------------------
 
 
-def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
-    """Split the integer ``total`` into parts proportional to ``weights`` (they sum to ``total``)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = total * w / w.sum()
-    parts = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - parts), kind="stable")
-    for i in order[: total - parts.sum()]:
-        parts[i] += 1
-    return parts.tolist()
-
-
 def stratified_split(
     labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int
 ) -> list[np.ndarray]:
     """Deterministic stratified split of ``range(len(labels))`` into ``len(fractions)`` parts.
 
-    Each class's samples are shuffled with ``numpy.random.default_rng(seed)`` (one generator, classes
-    in sorted order) and cut by per-class largest-remainder rounding of ``fractions``, so every class
-    keeps its proportion in every part (up to one sample) and the result depends only on ``labels``,
-    ``fractions`` and ``seed``. Returns sorted index arrays, one per part.
+    Systematic stratified sampling: each class's samples are shuffled (``numpy.random.default_rng(seed)``)
+    and given evenly spaced quantile positions ``(i + 0.5) / n_class``; all samples are ordered by
+    position (ties broken at random) and the order is cut at ``round(cumsum(fractions) * N)``. So the
+    parts have exactly the requested overall sizes (up to rounding), every class keeps its proportion in
+    every part up to one sample, even when classes are tiny, and the result depends only on
+    ``labels``, ``fractions`` and ``seed``. Returns sorted index arrays, one per part.
     """
     labels = np.asarray(labels)
-    fractions = [float(f) for f in fractions]
-    if any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split fractions must be >= 0 with a positive sum, got {fractions}")
+    fractions = np.asarray([float(f) for f in fractions])
+    if (fractions < 0).any() or fractions.sum() <= 0:
+        raise ValueError(f"split fractions must be >= 0 with a positive sum, got {fractions.tolist()}")
+    fractions = fractions / fractions.sum()
+    n = len(labels)
     rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    position = np.empty(n, dtype=np.float64)
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        counts = _largest_remainder(len(idx), fractions)
-        start = 0
-        for p, k in enumerate(counts):
-            parts[p].append(idx[start : start + k])
-            start += k
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=int) for p in parts]
+        position[idx] = (np.arange(len(idx)) + 0.5) / len(idx)
+    order = np.lexsort((rng.random(n), position))
+    cuts = np.round(np.cumsum(fractions) * n).astype(int)
+    cuts[-1] = n
+    starts = np.concatenate([[0], cuts[:-1]])
+    return [np.sort(order[a:b]) for a, b in zip(starts, cuts)]
 
 
 def split_fractions(val_fraction: float, test_fraction: float = 0.0) -> list[float]:
@@ -322,8 +317,8 @@ def split_fractions(val_fraction: float, test_fraction: float = 0.0) -> list[flo
 def stratified_subsample(
     labels: Sequence[int] | np.ndarray, size: int | None, seed: int
 ) -> np.ndarray:
-    """Deterministically pick ``size`` indices, stratified by label (class proportions kept by
-    largest-remainder rounding). ``None`` or ``size >= len(labels)`` keeps everything."""
+    """Deterministically pick ``size`` indices, stratified by label (class proportions kept up to one
+    sample, see :func:`stratified_split`). ``None`` or ``size >= len(labels)`` keeps everything."""
     labels = np.asarray(labels)
     if size is None or size >= len(labels):
         return np.arange(len(labels))

@@ -74,6 +74,7 @@ def render_decoy_digits(
     image_size: int,
     patch_size: int,
     mask_threshold: float,
+    digit_intensity: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render gray images in [0, 1] ``(N, 1, S, S)`` and stroke masks ``(N, 1, S, S)``.
 
@@ -90,8 +91,9 @@ def render_decoy_digits(
         size=(digit_size, digit_size), mode="bilinear", align_corners=False,
     ).clamp_(0.0, 1.0)
     gray = torch.zeros(n, 1, s, s)
-    gray[:, :, p : p + digit_size, p : p + digit_size] = up
-    masks = (gray > mask_threshold).to(torch.float32)
+    masks = torch.zeros(n, 1, s, s)
+    masks[:, :, p : p + digit_size, p : p + digit_size] = (up > mask_threshold).to(torch.float32)
+    gray[:, :, p : p + digit_size, p : p + digit_size] = up * digit_intensity
     for i in range(n):
         c = int(corners[i])
         r0 = 0 if c in (0, 1) else s - p
@@ -110,7 +112,9 @@ class DecoyDigitsDataModule(BaseDataModule):
         image_size: square output size in pixels (tuned default 32).
         patch_size: decoy side in pixels (tuned default 4); must be < image_size / 4.
         shade_min, shade_max: darkest / brightest decoy shade in [0, 1] (class 9 / class 0).
-        mask_threshold: stroke threshold on the upscaled digit intensity in [0, 1].
+        mask_threshold: stroke threshold on the upscaled digit intensity in [0, 1] (before
+            ``digit_intensity`` scaling).
+        digit_intensity: peak brightness of the digit strokes (1 = white).
         val_fraction, test_fraction: stratified split of the 1,797 digits (train gets the rest).
         pin_memory: passed to the data loaders.
     """
@@ -118,7 +122,7 @@ class DecoyDigitsDataModule(BaseDataModule):
     def __init__(
         self,
         root: str | None = None,
-        batch_size: int = 64,
+        batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
         image_size: int = 32,
@@ -126,6 +130,7 @@ class DecoyDigitsDataModule(BaseDataModule):
         shade_min: float = 0.1,
         shade_max: float = 1.0,
         mask_threshold: float = 0.25,
+        digit_intensity: float = 0.7,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         pin_memory: bool = False,
@@ -142,6 +147,9 @@ class DecoyDigitsDataModule(BaseDataModule):
         self.shade_min = float(shade_min)
         self.shade_max = float(shade_max)
         self.mask_threshold = float(mask_threshold)
+        if not 0.0 < digit_intensity <= 1.0:
+            raise ValueError(f"digit_intensity must be in (0, 1], got {digit_intensity}")
+        self.digit_intensity = float(digit_intensity)
         self.fractions = split_fractions(val_fraction, test_fraction)
         if test_fraction <= 0:
             raise ValueError("test_fraction must be > 0 for decoy digits (the decoy test sets)")
@@ -176,7 +184,7 @@ class DecoyDigitsDataModule(BaseDataModule):
         ):
             gray, masks = render_decoy_digits(
                 digits[idx], corners[idx], shade[idx], self.image_size, self.patch_size,
-                self.mask_threshold,
+                self.mask_threshold, self.digit_intensity,
             )
             out[name] = {
                 "images": gray.expand(-1, 3, -1, -1).contiguous(),

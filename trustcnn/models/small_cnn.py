@@ -30,7 +30,7 @@ class SmallCNN(nn.Module):
     """Three 3×3 conv blocks (two 2×2 max-pools) + global-average-pool + linear head."""
 
     def __init__(
-        self, num_classes: int, width: int = 16, in_channels: int = 3, batch_norm: bool = True
+        self, num_classes: int, width: int = 16, in_channels: int = 3, batch_norm: bool = False
     ) -> None:
         super().__init__()
         w = int(width)
@@ -68,7 +68,7 @@ def small_cnn(
     num_classes: int,
     width: int = 16,
     in_channels: int = 3,
-    batch_norm: bool = True,
+    batch_norm: bool = False,
     input_size: int = 32,
     trainable: list[str] | str | None = None,
 ) -> BuiltModel:
@@ -78,7 +78,8 @@ def small_cnn(
         num_classes: output classes.
         width: channels of the first conv (then 2×, 4×).
         in_channels: input channels (3 for the decoy digits, which replicate gray to RGB).
-        batch_norm: BatchNorm after ``conv1`` and ``conv2``.
+        batch_norm: BatchNorm after ``conv1`` and ``conv2`` (off by default: with it, the few-epoch
+            decoy-digits training gave erratic eval-mode accuracy, see experiments/decoy_digits/TUNING.md).
         input_size: the square input resolution (the decoy-digits ``image_size``, default 32).
         trainable: module names whose parameters train; ``None`` → ``["features.conv3"]`` (the target
             conv, as in the paper's setups); ``"all"`` → every module with parameters (end-to-end
