@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from trustcnn.data.decoy_digits import DecoyDigitsDataModule
+from trustcnn.models.pretrain import train_end_to_end
 from trustcnn.models.small_cnn import small_cnn
 
 DM_DEFAULTS = {
@@ -58,18 +59,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, float]:
         trainable="all",
     )
     net = built.net
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    steps = args.epochs * len(dm.train_dataloader())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if args.cosine else None
-    loss_fn = nn.CrossEntropyLoss()
-    for _ in range(args.epochs):
-        net.train()
-        for x, y, _ in dm.train_dataloader():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(net(x), y).backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
+    train_end_to_end(net, dm, args.epochs, args.lr, seed, cosine=args.cosine)
     test, test_consistent = dm.test_dataloader()
     res = {
         "train": accuracy(net, dm.train_dataloader()),

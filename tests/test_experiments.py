@@ -171,15 +171,13 @@ def test_oxford_pet_mask_config() -> None:
     assert cfg.loss.name == "trust_mask" and cfg.loss.lam == 0.9 and cfg.optim.lr == 0.01
 
 
-@pytest.mark.xfail(reason="conf/train.yaml lists `_self_` last in its defaults, so its own top-level keys "
-                          "(task_name, tags, pointing_tolerance) overwrite the experiment's; listing `_self_` "
-                          "first (as lightning-hydra-template does) fixes it", strict=False)
 @pytest.mark.parametrize(("experiment", "tolerance"), [("paper_mobilenet_catsdogs", 15), ("paper_vgg16_imagenet", 15),
                                                        ("oxford_pet_mask", 15)])
 def test_experiment_top_level_keys_win(experiment: str, tolerance: int) -> None:
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.task_name == experiment
     assert cfg.pointing_tolerance == tolerance
+    assert cfg.num_threads is None  # photo models use every core
     assert "paper" in cfg.tags or experiment == "oxford_pet_mask"
 
 

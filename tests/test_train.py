@@ -35,7 +35,7 @@ def test_default_run_writes_config_checkpoints_metrics_and_grid(make_cfg, capsys
         assert key in saved and 0.0 <= saved[key] <= 1.0, key
     assert saved == pytest.approx(metrics)
     assert sum(saved[f"test/case{c}_fraction"] for c in range(1, 5)) == pytest.approx(1.0)
-    assert "| test/acc |" in capsys.readouterr().out
+    assert "| test_consistent | " in capsys.readouterr().out
     logged = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for term in ("train/loss", "train/ce", "train/r1", "train/r2", "train/reg", "train/s_hat", "val/acc"):
         assert term in logged, term

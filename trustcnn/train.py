@@ -12,8 +12,9 @@ import math
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import pytorch_lightning as pl
@@ -120,10 +121,20 @@ def finish_loggers(loggers: list[pl.loggers.Logger], failed: bool) -> None:
             lg.finalize("failed" if failed else "success")
 
 
+TABLE_COLUMNS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat")
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    """A short Markdown table of the final metrics."""
-    rows = [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
-    return "\n".join(["| metric | value |", "|---|---|", *rows])
+    """A short Markdown table of the final metrics: one row per evaluated set, the headline columns
+    (the case table and its intervals stay in ``metrics.json``)."""
+    sets = sorted({k.split("/", 1)[0] for k in metrics if "/" in k and not k.startswith("best_")})
+    columns = [c for c in TABLE_COLUMNS if any(f"{s}/{c}" in metrics for s in sets)]
+    lines = ["| set | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in sets:
+        cells = [f"{metrics[f'{name}/{c}']:.4f}" if f"{name}/{c}" in metrics else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    best = [f"{k} = {v:.4f}" for k, v in metrics.items() if k.startswith("best_")]
+    return "\n".join(lines + best)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -138,7 +149,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
+    with torch_threads(cfg.get("num_threads")):
+        return _fit_and_test(cfg, output_dir)
 
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (``None``: leave as is), restoring the previous count."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """The body of :func:`train`, after the output directory and seeds are set."""
     # Everything a user can get wrong in the config fails here, before any training.
     loss = build_loss(cfg.loss, cfg.get("ablation"))
     datamodule = instantiate_plain(cfg.data)

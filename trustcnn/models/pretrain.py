@@ -31,16 +31,21 @@ def pretrain_key(spec: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _train_end_to_end(model: BuiltModel, datamodule: pl.LightningDataModule, epochs: int, lr: float, seed: int
-                      ) -> dict[str, float]:
+def train_end_to_end(net: torch.nn.Module, datamodule: pl.LightningDataModule, epochs: int, lr: float, seed: int,
+                     cosine: bool = True) -> dict[str, float]:
+    """Train every parameter of ``net`` with cross-entropy (Adam, cosine-decayed lr); leaves it in eval mode.
+
+    Returns the training accuracy of the last epoch (measured on the fly).
+    """
     torch.manual_seed(seed)
-    net = model.net
     for p in net.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
+    steps = epochs * len(datamodule.train_dataloader())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1)) if cosine else None
     correct = total = 0
-    for epoch in range(epochs):
+    net.train()
+    for _ in range(epochs):
         correct = total = 0
         for x, y, _ in datamodule.train_dataloader():
             logits = net(x)
@@ -48,6 +53,8 @@ def _train_end_to_end(model: BuiltModel, datamodule: pl.LightningDataModule, epo
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     net.eval()
@@ -84,7 +91,7 @@ def ensure_pretrained(
             if not path.exists():
                 datamodule.setup("fit")
                 start = time.perf_counter()
-                stats = _train_end_to_end(model, datamodule, epochs, lr, seed)
+                stats = train_end_to_end(model.net, datamodule, epochs, lr, seed)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 torch.save(model.net.state_dict(), tmp)
                 os.replace(tmp, path)  # atomic: a reader never sees half a file
