@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
+from conftest import compose_config, shrink
 from scipy import stats
 from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
 
-import trustcnn
 from trustcnn.evaluate import (
     check_shared_test_set,
     classification_estimates,
@@ -42,7 +40,6 @@ from trustcnn.report import main as report_main
 from trustcnn.runs import load_run
 from trustcnn.train import _record_failure, train
 
-CONF_DIR = Path(trustcnn.__file__).resolve().parent / "conf"
 REPO = Path(__file__).resolve().parents[1]
 
 # (job dir, overrides); job 0 gets no .hydra/overrides.yaml so the report falls back to the dir name.
@@ -56,20 +53,13 @@ FAILED = ("4_loss.lam=1.5,optim.lr=0.001", ["optim.lr=0.001", "loss.lam=1.5"])
 
 
 def tiny_cfg(overrides: list[str], output_dir: Path, cache_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = shrink(compose_config(overrides), output_dir, cache_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-        cfg.trainer.accelerator = "cpu"
-        cfg.trainer.max_epochs = 1
+        cfg.data.batch_size = 64
         cfg.trainer.limit_train_batches = 2
         cfg.trainer.limit_val_batches = 1
         cfg.trainer.limit_test_batches = 1  # the test metrics cover the first 64 test images
-        cfg.trainer.enable_progress_bar = False
         cfg.grid_images = 2
-        cfg.model.pretrain.epochs = 1
     return cfg
 
 
@@ -367,7 +357,7 @@ def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
         sys.executable, "-m", "trustcnn.train", "-m", "optim.lr=1e-2,1e-3", "loss.lam=0.5,1.5",
         "trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
         "++trainer.limit_test_batches=1", "++trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-        "model.pretrain.epochs=1", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}",
+        "model.pretrain.epochs=1", "data.batch_size=64", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}",
     ]
     done = subprocess.run(train_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
