@@ -8,6 +8,7 @@ Same model, same batch, same trainable layer; only the loss (and so the in-step 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -66,7 +67,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--first-order", action="store_true", help="saliency.second_order=false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     net = torchvision.models.get_model(args.arch, weights=None).to(args.device).eval()
@@ -77,7 +81,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"{args.arch} target={args.layer} batch={args.batch} size={args.size} "
           f"second_order={not args.first_order} device={device_name}")
     medians = {}

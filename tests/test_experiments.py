@@ -382,7 +382,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 CLI_TINY = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "+trainer.enable_progress_bar=false",
+            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
             "grid_images=2"]
 
 

@@ -163,7 +163,7 @@ def test_cli_unknown_key_and_group_option_list_valid_ones(tmp_path: Path) -> Non
 
 
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "model.pretrain.epochs=1", "+trainer.enable_progress_bar=false"]
+        "trainer.limit_test_batches=1", "model.pretrain.epochs=1", "trainer.enable_progress_bar=false"]
 
 
 @pytest.mark.slow
