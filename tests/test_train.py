@@ -59,7 +59,8 @@ def test_only_the_target_layer_changes(make_cfg, cache_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides", [["loss=ce"], ["loss=trust_mask"], ["saliency=guided_gradcam"],
-                                       ["loss.form=prose", "ablation=no_r1"]])
+                                       ["loss.form=prose", "ablation=no_r1"],
+                                       ["trainer.inference_mode=true"]])  # maps despite Lightning's inference mode
 def test_loss_and_saliency_variants_run(make_cfg, overrides: list[str]) -> None:
     metrics, _ = train(make_cfg(*overrides))
     assert 0.0 <= metrics["test/acc"] <= 1.0
