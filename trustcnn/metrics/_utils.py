@@ -14,8 +14,9 @@ Every metric in :mod:`trustcnn.metrics` goes through these helpers, so the conve
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from trustcnn.saliency.guided import upsample
 
 
 def as_maps(maps: Tensor, name: str = "maps") -> Tensor:
@@ -76,9 +77,7 @@ def as_masks(masks: Tensor, name: str = "masks") -> Tensor:
 
 def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinearly resize ``(N, h, w)`` maps to ``size`` (``align_corners=False``); no-op if already there."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return upsample(maps, tuple(size))
 
 
 def align_maps_to_masks(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -106,7 +106,10 @@ def reduce_channels(maps: torch.Tensor, how: ChannelReduce = "abs_sum") -> torch
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize ``(N, h, w)`` maps to ``size`` (``align_corners=False`` for the modes that take it)."""
+    """Resize ``(N, h, w)`` maps to ``size`` (``align_corners=False`` for the modes that take it);
+    maps already at ``size`` are returned as they are."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
     kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(maps.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
 
