@@ -217,6 +217,17 @@ def test_duplicate_runs_are_loaded_once(sweep: Path) -> None:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def test_saliency_override_explains_a_gradcam_run_with_guided_gradcam(sweep: Path) -> None:
+    own = load_run(job(sweep, 0))
+    guided = load_run(job(sweep, 0), saliency="guided_gradcam")
+    assert own.cfg.saliency.method == "gradcam" and guided.cfg.saliency.method == "guided_gradcam"
+    x, y, _ = next(iter(guided.datamodule.main_test_dataloader()))
+    maps = guided.module.explain(x[:2], y[:2], create_graph=False).maps
+    assert maps.shape[-2:] == x.shape[-2:]  # Guided Grad-CAM is at input resolution, Grad-CAM is not
+    assert own.module.explain(x[:2], y[:2], create_graph=False).maps.shape[-2:] != x.shape[-2:]
+    torch.testing.assert_close(guided.module.net(x[:2]), own.module.net(x[:2]))  # same weights
+
+
 @pytest.fixture(scope="session")
 def report(sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("report")

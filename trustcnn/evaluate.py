@@ -158,12 +158,13 @@ def load_models(
     baseline: str | Path | None = None,
     names: Sequence[str] | None = None,
     data_overrides: dict[str, Any] | None = None,
+    saliency: str | None = None,
 ) -> tuple[dict[str, LoadedRun], str | None]:
     """Load the baseline (first) and each run; returns ``({name: run}, baseline name or None)``.
 
     ``names`` name the models in order (baseline first when given); by default the run directory's
     name, made unique with ``#2``, ``#3`` suffixes. A run given twice (the baseline repeated in
-    ``runs``) is loaded once.
+    ``runs``) is loaded once. ``saliency`` explains every model with that method (see :func:`load_run`).
     """
     paths = ([baseline] if baseline is not None else []) + list(runs)
     if not paths:
@@ -181,7 +182,7 @@ def load_models(
     loaded: dict[str, LoadedRun] = {}
     seen: set[Path] = set()
     for i, p in enumerate(paths):
-        run = load_run(p, data_overrides=data_overrides)
+        run = load_run(p, data_overrides=data_overrides, saliency=saliency)
         if run.checkpoint.resolve() in seen:
             log.warning("%s is given twice; evaluating it once", run.checkpoint)
             continue
@@ -194,12 +195,6 @@ def load_models(
     return loaded, (next(iter(loaded)) if baseline is not None else None)
 
 
-def _first_test_loader(datamodule: Any) -> torch.utils.data.DataLoader:
-    datamodule.setup("test")
-    loader = datamodule.test_dataloader()
-    return loader[0] if isinstance(loader, (list, tuple)) else loader
-
-
 def check_shared_test_set(loaded: dict[str, LoadedRun], reference: str) -> list[str]:
     """Raise ``ValueError`` when the runs' test sets cannot be the same; return warnings for lesser differences.
 
@@ -209,13 +204,13 @@ def check_shared_test_set(loaded: dict[str, LoadedRun], reference: str) -> list[
     """
     ref = loaded[reference]
     ref_data = OmegaConf.to_container(ref.cfg.data, resolve=True)
-    ref_size = len(_first_test_loader(ref.datamodule).dataset)
+    ref_size = len(ref.datamodule.main_test_dataloader().dataset)
     warnings: list[str] = []
     for name, run in loaded.items():
         if name == reference:
             continue
         data = OmegaConf.to_container(run.cfg.data, resolve=True)
-        size = len(_first_test_loader(run.datamodule).dataset)
+        size = len(run.datamodule.main_test_dataloader().dataset)
         problems = []
         if data.get("_target_") != ref_data.get("_target_"):
             problems.append(f"data {data.get('_target_')} vs {ref_data.get('_target_')}")
@@ -344,7 +339,7 @@ def save_comparison_grid(
 
     datamodule = datamodule or next(iter(loaded.values())).datamodule
     images, labels, masks = [], [], []
-    for x, y, m in _first_test_loader(datamodule):
+    for x, y, m in datamodule.main_test_dataloader():
         images.append(x)
         labels.append(y)
         masks.append(m)
@@ -377,6 +372,7 @@ def evaluate_runs(
     seed: int = 0,
     grid_images: int = 8,
     device: str | None = None,
+    saliency: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the baseline and runs on the same test images; write the outputs when ``out_dir`` is given.
 
@@ -397,6 +393,8 @@ def evaluate_runs(
             layer re-initialization of the randomization check.
         grid_images: images in ``saliency_comparison.png``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        saliency: explain every model with this method (``gradcam`` | ``guided_gradcam``) instead of the
+            one each was trained with, e.g. to compare a cross-entropy baseline's Guided Grad-CAM maps.
 
     Returns:
         ``{"data": ..., "settings": ..., "baseline": name | None, "warnings": [...], "models": {name: {...}}}``
@@ -412,7 +410,7 @@ def evaluate_runs(
         overrides["root"] = str(data_root)
     if batch_size is not None:
         overrides["batch_size"] = int(batch_size)
-    loaded, base = load_models(runs, baseline, names, overrides)
+    loaded, base = load_models(runs, baseline, names, overrides, saliency=saliency)
     reference = base or next(iter(loaded))
     warnings = check_shared_test_set(loaded, reference)
     for w in warnings:
@@ -425,7 +423,7 @@ def evaluate_runs(
         pointing_tolerance = int(ref.cfg.get("pointing_tolerance", 15))
     datamodule = ref.datamodule
     per, grid, n_images, has_masks = _collect(
-        loaded, base, _first_test_loader(datamodule), dev, max_images, pointing_tolerance, accurate_threshold,
+        loaded, base, datamodule.main_test_dataloader(), dev, max_images, pointing_tolerance, accurate_threshold,
         iou_threshold, faithfulness, di_steps, di_baseline, seed, grid_images,
     )
     if n_images == 0:
@@ -462,7 +460,7 @@ def evaluate_runs(
             entry["ssim_vs_baseline"] = asdict(mean_estimate(scores["ssim_vs_baseline"]))
         models[name] = entry
 
-    test_size = len(_first_test_loader(datamodule).dataset)
+    test_size = len(datamodule.main_test_dataloader().dataset)
     result = {
         "data": {
             "datamodule": type(datamodule).__name__, "reference_run": reference, "test_set": datamodule.test_set_names[0],
@@ -618,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-images", type=int, default=8)
     p.add_argument("--device", help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    p.add_argument("--saliency", choices=["gradcam", "guided_gradcam"],
+                   help="explain every model with this method (default: each run's own)")
     return p
 
 
@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_images=args.max_images, batch_size=args.batch_size, faithfulness=not args.no_deletion_insertion,
             di_steps=args.di_steps, di_baseline=args.di_baseline, pointing_tolerance=args.pointing_tolerance,
             accurate_threshold=args.accurate_threshold, bootstrap=args.bootstrap, seed=args.seed,
-            grid_images=args.grid_images, device=args.device,
+            grid_images=args.grid_images, device=args.device, saliency=args.saliency,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -221,9 +221,7 @@ def tested_image_count(cfg: DictConfig | None) -> int | None:
 
     try:
         datamodule = instantiate(cfg.data)
-        datamodule.setup("test")
-        loader = datamodule.test_dataloader()
-        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        loader = datamodule.main_test_dataloader()
         n, batch = len(loader.dataset), int(loader.batch_size or 1)
     except Exception as err:  # noqa: BLE001 - the report goes on without CIs from the test size
         log.warning("cannot determine the test-set size (%s: %s)", type(err).__name__, err)

@@ -39,12 +39,15 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, candidates[-1]
 
 
-def load_run(path: str | Path, data_overrides: dict | None = None, map_location: str = "cpu") -> LoadedRun:
+def load_run(path: str | Path, data_overrides: dict | None = None, map_location: str = "cpu",
+             saliency: str | None = None) -> LoadedRun:
     """Rebuild the run's module from its ``config.yaml`` and load the checkpoint's weights.
 
     The backbone's pretrained weights are not fetched again (the checkpoint holds every weight), so
     this works offline. ``data_overrides`` replaces keys of the run's data config (e.g. ``root`` or
-    ``batch_size``) to evaluate on other data.
+    ``batch_size``) to evaluate on other data. ``saliency`` (``gradcam`` | ``guided_gradcam``) explains
+    the model with another method than it was trained with (its other saliency options are kept), so
+    one baseline serves the maps of both methods.
     """
     run_dir, ckpt = find_checkpoint(path)
     config_file = run_dir / "config.yaml"
@@ -59,6 +62,8 @@ def load_run(path: str | Path, data_overrides: dict | None = None, map_location:
                 cfg.model[key] = None
         for key, value in (data_overrides or {}).items():
             cfg.data[key] = value
+        if saliency is not None:
+            cfg.saliency.method = saliency
     datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     module = build_module(cfg, model, build_loss(cfg.loss, cfg.get("ablation")), datamodule)

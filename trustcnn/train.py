@@ -214,9 +214,7 @@ def save_test_grid(module: TrustModule, datamodule: pl.LightningDataModule, path
     """PNG grid of the first ``n`` test images with their masks and saliency maps."""
     from trustcnn.viz import save_saliency_grid
 
-    loader = datamodule.test_dataloader()
-    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-    x, y, masks = (t[:n] for t in next(iter(loader)))
+    x, y, masks = (t[:n] for t in next(iter(datamodule.main_test_dataloader())))
     module.eval()
     x, y, masks = x.to(module.device), y.to(module.device), masks.to(module.device)
     out = module.explain(x, y, create_graph=False)

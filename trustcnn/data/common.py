@@ -456,6 +456,13 @@ class BaseDataModule(pl.LightningDataModule):
         loaders = [self._loader(d, train=False) for d in self.test_sets]
         return loaders[0] if len(loaders) == 1 else loaders
 
+    def main_test_dataloader(self) -> DataLoader:
+        """The loader of the real test set (``test_set_names[0]``), set up if needed; extra test sets
+        (e.g. decoy digits' label-consistent copy) are left out."""
+        if self.test_sets is None:
+            self.setup("test")
+        return self._loader(self.test_sets[0] if self.test_sets is not None else None, train=False)
+
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.test_dataloader()
 
