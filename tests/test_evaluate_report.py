@@ -226,6 +226,17 @@ def test_saliency_override_explains_a_gradcam_run_with_guided_gradcam(sweep: Pat
     assert maps.shape[-2:] == x.shape[-2:]  # Guided Grad-CAM is at input resolution, Grad-CAM is not
     assert own.module.explain(x[:2], y[:2], create_graph=False).maps.shape[-2:] != x.shape[-2:]
     torch.testing.assert_close(guided.module.net(x[:2]), own.module.net(x[:2]))  # same weights
+    back = load_run(job(sweep, 0), saliency="gradcam")  # same method: config untouched
+    assert back.cfg.saliency == own.cfg.saliency
+
+
+def test_saliency_override_from_guided_drops_guided_only_options(tmp_path: Path) -> None:
+    cfg = tiny_cfg(["saliency=guided_gradcam"], tmp_path / "guided", tmp_path / "cache")
+    train(cfg)
+    run = load_run(tmp_path / "guided", saliency="gradcam")
+    assert run.cfg.saliency.method == "gradcam" and "channel_reduce" not in run.cfg.saliency
+    with pytest.raises(ValueError, match="Unknown saliency method 'gradcamm'"):
+        load_run(tmp_path / "guided", saliency="gradcamm")
 
 
 @pytest.fixture(scope="session")

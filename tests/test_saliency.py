@@ -265,3 +265,19 @@ def test_bad_saliency_options() -> None:
         GradCAM(make_net(), "target")(batch())
     with pytest.raises(ValueError, match="label"):
         GradCAM(make_net(), "target", target="label")(batch())
+
+
+def test_plain_forwards_keep_no_state_and_the_model_stays_copyable() -> None:
+    net = make_net(inplace=True)
+    method = GuidedGradCAM(net, "target")
+    plain = net(batch())  # e.g. a cross-entropy step: no capture, no guided gates
+    assert method._capture.activations is None and plain.grad_fn is not None
+    method(batch())
+    assert method._capture.activations is None  # handed over to the map, not kept
+    copy.deepcopy(net)  # fails while a hook holds a non-leaf tensor of the last batch
+
+
+def test_signed_guided_maps_need_minmax() -> None:
+    with pytest.raises(ValueError, match="channel_reduce=sum.*normalize=minmax"):
+        GuidedGradCAM(make_net(), "target", channel_reduce="sum")
+    GuidedGradCAM(make_net(), "target", channel_reduce="sum", normalize="minmax")

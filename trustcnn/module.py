@@ -3,7 +3,6 @@ paper's saliency-penalized loss, with the saliency map computed differentiably i
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 import pytorch_lightning as pl

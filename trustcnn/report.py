@@ -95,8 +95,8 @@ class JobResult:
 def _find_job_dirs(sweep: Path) -> list[Path]:
     """Job directories under ``sweep``: a directory holding any of :data:`_JOB_MARKERS`.
 
-    The search is recursive because an override value with a ``/`` (e.g. ``paths.cache_dir=/tmp/x``) ends
-    up in Hydra's ``override_dirname`` and nests the job directory several levels deep.
+    The search is recursive for sweeps made before job directories were named by job number alone
+    (``hydra.sweep.subdir``): an override value with a ``/`` in ``override_dirname`` nested them.
     """
     found: list[Path] = []
 
@@ -370,12 +370,14 @@ def pick_best(jobs: list[JobResult], metric: str, mode: str = "max") -> JobResul
 
 
 def pick_baseline(jobs: list[JobResult], best: JobResult | None, metric: str) -> JobResult | None:
-    """A finished ``loss=ce`` job: the one with the best job's seed if any, else the best by ``metric``."""
+    """A finished ``loss=ce`` job, preferring the best job's saliency method (maps are only comparable
+    with the same method), then its seed, then the best by ``metric``."""
     ce = [j for j in jobs if j.ok and j.config.get("loss") == "ce"]
-    if not ce:
-        return None
-    same_seed = [j for j in ce if best is not None and j.config.get("seed") == best.config.get("seed")]
-    return max(same_seed or ce, key=lambda j: j.metrics.get(metric, -math.inf))
+    if not ce or best is None:
+        return max(ce, key=lambda j: j.metrics.get(metric, -math.inf)) if ce else None
+    for key in ("saliency", "seed"):
+        ce = [j for j in ce if j.config.get(key) == best.config.get(key)] or ce
+    return max(ce, key=lambda j: j.metrics.get(metric, -math.inf))
 
 
 def _case_table_from_metrics(job: JobResult) -> dict[str, float] | None:
@@ -548,6 +550,7 @@ def write_report(
             [best.path], baseline=baseline.path if baseline is not None else None,
             names=([f"baseline: job {baseline.num}"] if baseline is not None else []) + [f"best: job {best.num}"],
             out_dir=out / "evaluation", max_images=eval_max_images, device=device,
+            saliency=best.config.get("saliency"),  # both sides explained with the best job's method
         )
         files["evaluation"] = out / "evaluation"
 
@@ -601,7 +604,8 @@ def write_report(
         from trustcnn.evaluate import load_models, save_comparison_grid
 
         loaded, _ = load_models([best.path], baseline=baseline.path,
-                                names=[f"baseline (job {baseline.num})", f"best (job {best.num})"])
+                                names=[f"baseline (job {baseline.num})", f"best (job {best.num})"],
+                                saliency=best.config.get("saliency"))
         path = save_comparison_grid(out / "saliency_best_vs_baseline.png", loaded, device=device or "cpu")
         files[path.name] = path
         md += [f"![saliency maps]({path.name})", ""]

@@ -10,7 +10,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trustcnn.module import TrustModule
+from trustcnn.saliency import SALIENCY_METHODS
 from trustcnn.train import build_loss, build_model, build_module, instantiate_plain
+
+
+SHARED_SALIENCY_KEYS = ("second_order", "normalize", "target")
 
 
 @dataclass
@@ -46,9 +50,11 @@ def load_run(path: str | Path, data_overrides: dict | None = None, map_location:
     The backbone's pretrained weights are not fetched again (the checkpoint holds every weight), so
     this works offline. ``data_overrides`` replaces keys of the run's data config (e.g. ``root`` or
     ``batch_size``) to evaluate on other data. ``saliency`` (``gradcam`` | ``guided_gradcam``) explains
-    the model with another method than it was trained with (its other saliency options are kept), so
-    one baseline serves the maps of both methods.
+    the model with another method than it was trained with (``second_order``, ``normalize`` and
+    ``target`` are kept), so one baseline serves the maps of both methods.
     """
+    if saliency is not None and saliency not in SALIENCY_METHODS:
+        raise ValueError(f"Unknown saliency method {saliency!r}; use one of {', '.join(SALIENCY_METHODS)}.")
     run_dir, ckpt = find_checkpoint(path)
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
@@ -62,8 +68,10 @@ def load_run(path: str | Path, data_overrides: dict | None = None, map_location:
                 cfg.model[key] = None
         for key, value in (data_overrides or {}).items():
             cfg.data[key] = value
-        if saliency is not None:
-            cfg.saliency.method = saliency
+        if saliency is not None and saliency != cfg.saliency.method:
+            # Keep the options every method shares; the other method's own options take their defaults.
+            shared = {k: cfg.saliency[k] for k in SHARED_SALIENCY_KEYS if k in cfg.saliency}
+            cfg.saliency = OmegaConf.create({"method": saliency, **shared})
     datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     module = build_module(cfg, model, build_loss(cfg.loss, cfg.get("ablation")), datamodule)

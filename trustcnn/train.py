@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from trustcnn.config_check import UnknownConfigKeyError, check_overrides
@@ -178,7 +178,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
         pre = cfg.model.pretrain
         spec = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
                 "seed": cfg.seed}
-        for key in ("num_workers", "batch_size", "root"):
+        for key in ("num_workers", "root"):  # cannot change the weights; everything else can
             spec["data"].pop(key, None)
         spec["model"]["pretrain"].pop("cache_dir", None)
         ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)

@@ -37,27 +37,30 @@ def train_end_to_end(net: torch.nn.Module, datamodule: pl.LightningDataModule, e
 
     Returns the training accuracy of the last epoch (measured on the fly).
     """
-    torch.manual_seed(seed)
-    for p in net.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    steps = epochs * len(datamodule.train_dataloader())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1)) if cosine else None
-    correct = total = 0
-    net.train()
-    for _ in range(epochs):
+    # A fresh loader per epoch replays the same seeded order each epoch: the recipe the decoy tuning and
+    # the recorded studies used (experiments/decoy_digits/TUNING.md); changing it changes every result.
+    steps_per_epoch = len(datamodule.train_dataloader())
+    with torch.random.fork_rng():  # the caller's RNG stream is the same whether the cache hit or not
+        torch.manual_seed(seed)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps_per_epoch, 1)) if cosine else None
         correct = total = 0
-        for x, y, _ in datamodule.train_dataloader():
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-    net.eval()
+        net.train()
+        for _ in range(epochs):
+            correct = total = 0
+            for x, y, _ in datamodule.train_dataloader():
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                correct += int((logits.argmax(1) == y).sum())
+                total += len(y)
+        net.eval()
     return {"train_acc_last_epoch": correct / max(total, 1)}
 
 

@@ -18,10 +18,9 @@ from collections import OrderedDict
 
 from torch import nn
 
+from trustcnn.data.decoy_digits import DECOY_MEAN, DECOY_STD
 from trustcnn.models.base import BuiltModel
 
-DECOY_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-DECOY_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 TARGET_LAYER = "features.conv3"
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from trustcnn.models.base import BuiltModel
-from trustcnn.models.freeze import freeze_except
+from trustcnn.models.freeze import _inside, freeze_except
 from trustcnn.models.weights import TorchvisionNet, build_torchvision_net
 from trustcnn.saliency.capture import get_module
 
@@ -47,10 +47,6 @@ def _names(trainable: Sequence[str] | str | None, default: list[str]) -> list[st
     if isinstance(trainable, str):
         return [trainable]
     return [str(t) for t in trainable]
-
-
-def _inside(name: str, roots: Sequence[str]) -> bool:
-    return any(name == r or name.startswith(r + ".") for r in roots)
 
 
 def _set_module(net: nn.Module, name: str, module: nn.Module) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -44,15 +46,31 @@ class LayerCapture:
         with LayerCapture(net, "features.28") as cap:
             logits = net(x)
             A = cap.activations  # (N, K, h, w)
+
+    With ``armed=False`` the hook stays passive (no clone, nothing kept) except inside
+    :meth:`armed_for`, so plain forwards of the same model (a cross-entropy step, a deletion curve)
+    neither pay for the clone nor keep the last batch's graph alive.
     """
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
+    def __init__(self, model: nn.Module, layer: str, armed: bool = True) -> None:
         self.layer_name = layer
         self.layer = get_module(model, layer)
         self.activations: torch.Tensor | None = None
+        self.armed = armed
         self._handle = self.layer.register_forward_hook(self._hook)
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def armed_for(self) -> Iterator[None]:
+        """Record during the enclosed forward pass only."""
+        previous, self.armed = self.armed, True
+        try:
+            yield
+        finally:
+            self.armed = previous
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed:
+            return None
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"Layer {self.layer_name!r} returns {type(output).__name__}, not a tensor; "

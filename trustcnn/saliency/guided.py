@@ -52,10 +52,12 @@ class GuidedBackprop:
     Works with ``inplace=True`` activations (VGG, MobileNetV2, ResNet): the gate sits on the module's
     output, whatever tensor that is. Functional ``F.relu`` calls are not seen (as in captum); use
     modules. The gates are inert until :meth:`gradients` (or :meth:`active`) turns them on, so the
-    same forward pass serves the loss gradient unchanged.
+    same forward pass serves the loss gradient unchanged. With ``armed=False`` no gate is inserted at
+    all (no clone per activation) except in forwards run inside :meth:`armed_for`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, armed: bool = True) -> None:
+        self.armed = armed
         self._switch = _GuidedSwitch()
         self._handles = [
             m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, GUIDED_ACTIVATIONS)
@@ -66,10 +68,19 @@ class GuidedBackprop:
                 "the plain gradient; use saliency=gradcam, or a model built from activation modules."
             )
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return output
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed or not torch.is_grad_enabled():
+            return None
         return _GuidedGate.apply(output, self._switch)
+
+    @contextmanager
+    def armed_for(self) -> Iterator[None]:
+        """Insert the gates in the forwards run inside this block."""
+        previous, self.armed = self.armed, True
+        try:
+            yield
+        finally:
+            self.armed = previous
 
     @contextmanager
     def active(self) -> Iterator[None]:

@@ -7,8 +7,9 @@ is shared.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import ContextManager, Iterator, Literal
 
 import torch
 from torch import nn
@@ -78,7 +79,8 @@ class SaliencyMethod:
         self.second_order = second_order
         self.normalize = normalize
         self.target = target
-        self._capture = LayerCapture(model, target_layer)
+        # Passive outside __call__: plain forwards of the model cost nothing extra and keep nothing.
+        self._capture = LayerCapture(model, target_layer, armed=False)
 
     def __call__(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
@@ -94,17 +96,21 @@ class SaliencyMethod:
                 "Wrap the call in `torch.inference_mode(False), torch.enable_grad()`."
             )
         x = self.prepare_input(x)
-        logits = self.model(x)
+        with self.recording():
+            logits = self.model(x)
+        activations, self._capture.activations = self._capture.activations, None
         targets = select_targets(logits, labels, self.target)
         scores = logits.gather(1, targets[:, None]).squeeze(1)
-        activations = self._capture.activations
-        self._capture.activations = None
         create_graph = self.second_order if create_graph is None else create_graph
         raw = self.compute_map(x, activations, scores, create_graph)
         return SaliencyOutput(logits, targets, raw, normalize_maps(raw, self.normalize))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def recording(self) -> ContextManager[None]:
+        """Arms the hooks this method needs for the duration of its own forward pass."""
+        return self._capture.armed_for()
 
     def compute_map(
         self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
@@ -147,7 +153,21 @@ class GuidedGradCAM(SaliencyMethod):
         super().__init__(model, target_layer, second_order, normalize, target)
         self.interpolate_mode = interpolate_mode
         self.channel_reduce = channel_reduce
-        self._guided = GuidedBackprop(model)
+        if channel_reduce == "sum" and normalize != "minmax":
+            raise ValueError(
+                "saliency.channel_reduce=sum gives signed maps, which saliency.normalize="
+                f"{normalize} does not bring into [0, 1]; use channel_reduce=abs_sum (or abs_max), "
+                "or normalize=minmax."
+            )
+        self._guided = GuidedBackprop(model, armed=False)
+
+    @contextmanager
+    def _both_armed(self) -> Iterator[None]:
+        with self._capture.armed_for(), self._guided.armed_for():
+            yield
+
+    def recording(self) -> ContextManager[None]:
+        return self._both_armed()
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         # The guided gradient is taken w.r.t. the input, so the input must be a graph leaf.
