@@ -406,10 +406,7 @@ def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
 
     Returns the PNG path, or the reason no heatmap was drawn. Cells of failed jobs read "failed".
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook) alone
 
     trust = [j for j in jobs if j.config.get("loss") != "ce" and j.config.get("lr") is not None
              and j.config.get("lam") is not None]
@@ -427,8 +424,8 @@ def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
                        if k.lstrip("+~") not in ("optim.lr", "loss.lam"))].append(j)
     finite = _values([j for j in trust if j.ok], metric)
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 1.3 * len(lams) * len(panels), 1.2 + 0.9 * len(lrs)),
-                             squeeze=False)
+    fig = Figure(figsize=(1.6 + 1.3 * len(lams) * len(panels), 1.2 + 0.9 * len(lrs)))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (panel, members) in zip(axes[0], sorted(panels.items())):
         grid = np.full((len(lrs), len(lams)), np.nan)
         labels = [["" for _ in lams] for _ in lrs]
@@ -460,7 +457,6 @@ def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

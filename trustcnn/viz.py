@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+# Figures are built without pyplot, so no global backend is switched (a notebook keeps its own) and
+# rendering works headless on servers and in CI.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from trustcnn.saliency.guided import upsample  # noqa: E402
+from trustcnn.saliency.guided import upsample
 
 
 def saliency_figure(
@@ -21,7 +21,7 @@ def saliency_figure(
     labels: torch.Tensor | None = None,
     preds: dict[str, torch.Tensor] | torch.Tensor | None = None,
     class_names: list[str] | None = None,
-) -> plt.Figure:
+) -> Figure:
     """One row per image: the image, its mask (if any), then each model's map over the image.
 
     Args:
@@ -33,7 +33,8 @@ def saliency_figure(
     n = images.shape[0]
     show_mask = masks is not None and masks.numel() > 0
     cols = 1 + int(show_mask) + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * n))
+    axes = fig.subplots(n, cols, squeeze=False)
     size = tuple(images.shape[-2:])
     name_of = (lambda c: class_names[c] if class_names and c < len(class_names) else str(c))
     pics = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -64,16 +65,12 @@ def save_saliency_grid(path: str | Path, *args: object, **kwargs: object) -> Pat
     """Render :func:`saliency_figure` to a PNG at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = saliency_figure(*args, **kwargs)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    saliency_figure(*args, **kwargs).savefig(path, dpi=100)
     return path
 
 
 def saliency_grid_array(*args: object, **kwargs: object) -> np.ndarray:
     """Render :func:`saliency_figure` to an ``(H, W, 3)`` uint8 array (for W&B image panels)."""
-    fig = saliency_figure(*args, **kwargs)
-    fig.canvas.draw()
-    array = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return array
+    canvas = FigureCanvasAgg(saliency_figure(*args, **kwargs))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
