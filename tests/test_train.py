@@ -180,3 +180,17 @@ def test_cli_multirun_lr_by_lambda_with_a_failing_job(tmp_path: Path, cache_dir:
     assert len(done) == 4 and len(failed) == 2
     assert all("loss.lam=1.5" in (p / ".hydra" / "overrides.yaml").read_text() for p in failed)
     assert "loss.lam must lie in [0, 1]" in json.loads((failed[0] / "error.json").read_text())["error"]
+
+
+def test_preprocessing_mismatch_is_reported(make_cfg, caplog) -> None:
+    from hydra.utils import instantiate
+
+    from trustcnn.train import build_model, warn_preprocessing_mismatch
+
+    cfg = make_cfg()
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule.num_classes)
+    assert not warn_preprocessing_mismatch(model, datamodule)
+    model.input_size = 224
+    assert warn_preprocessing_mismatch(model, datamodule)
+    assert "expect 224 px" in caplog.text and "data.image_size" in caplog.text

@@ -76,6 +76,19 @@ def build_model(cfg: DictConfig, num_classes: int) -> BuiltModel:
     return built
 
 
+def warn_preprocessing_mismatch(model: BuiltModel, datamodule: pl.LightningDataModule) -> bool:
+    """Log a warning when the data's input size or normalization differs from what the model's weights
+    expect (e.g. a 299 px Inception fed 224 px crops); returns whether they differ."""
+    data = (getattr(datamodule, "image_size", model.input_size), tuple(datamodule.mean), tuple(datamodule.std))
+    expected = (model.input_size, tuple(model.mean), tuple(model.std))
+    differs = data[0] != expected[0] or any(abs(a - b) > 1e-6 for a, b in zip(data[1] + data[2], expected[1] + expected[2]))
+    if differs:
+        log.warning("The data gives %d px inputs normalized with mean %s / std %s, but the model's weights expect "
+                    "%d px with mean %s / std %s; set data.image_size (and the normalization) to match.",
+                    data[0], data[1], data[2], *expected)
+    return differs
+
+
 def build_module(cfg: DictConfig, model: BuiltModel, loss: Any, datamodule: pl.LightningDataModule) -> TrustModule:
     """The :class:`TrustModule` of ``cfg`` around an already built model, loss and datamodule."""
     return TrustModule(
@@ -171,6 +184,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     loss = build_loss(cfg.loss, cfg.get("ablation"))
     datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
+    warn_preprocessing_mismatch(model, datamodule)
     if loss.needs_masks and not datamodule.has_masks:
         raise ValueError(f"loss=trust_mask needs masks, but data={type(datamodule).__name__} has none; "
                          "use data=decoy_digits or data=oxford_pet, or loss=trust.")
