@@ -255,7 +255,7 @@ def test_vgg16_weights_path_output_and_freezing(vgg_file, x):
     path, ref = vgg_file
     built = vgg16(weights_path=path)
     net = built.net
-    assert built.target_layer == "features.28" and built.trainable == ["features.28"]
+    assert built.target_layer == "features.29" and built.trainable == ["features.28"]
     assert isinstance(net.features[28], nn.Conv2d)
     assert built.extra["trainable_parameters"] == ["features.28.weight", "features.28.bias"]
     assert not any(isinstance(m, nn.Dropout) for m in net.modules())  # frozen head: no dropout noise

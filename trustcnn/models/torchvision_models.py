@@ -190,7 +190,7 @@ def vgg16(
     num_classes: int = 1000,
     weights: str | None = "IMAGENET1K_V1",
     weights_path: str | os.PathLike | None = None,
-    target_layer: str = "features.28",
+    target_layer: str = "features.29",
     trainable: Sequence[str] | None = None,
     head_dropout: bool = False,
 ) -> BuiltModel:
@@ -205,9 +205,9 @@ def vgg16(
         * ``head_dropout=False`` (default) replaces the two ``Dropout(0.5)`` of torchvision's frozen
           classifier (``classifier.2``, ``classifier.5``) by ``nn.Identity``: the paper's Keras VGG16 has
           no dropout, and in a frozen head it would only add noise to both the loss and the saliency map.
-        * ``target_layer="features.28"`` is the conv's (pre-ReLU) output, as requested by the project;
-          Keras' ``block5_conv3`` output is post-ReLU, i.e. torchvision ``features.29`` (an in-place ReLU;
-          ``LayerCapture`` clones the output, so it can be captured). Set ``target_layer`` to choose.
+        * ``target_layer="features.29"``: Keras' ``block5_conv3`` output, which is post-ReLU (an in-place
+          ReLU in torchvision; ``LayerCapture`` clones the output, so it can be captured), as in
+          ``conf/model/vgg16.yaml``. ``features.28`` is the conv's pre-ReLU output.
         * Default ``trainable=["features.28"]`` whatever the target layer (the paper's setting).
 
     Args:
