@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +41,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from scipy import stats
 
 from trustcnn.metrics import (
     CASE_NAMES,
@@ -53,8 +52,8 @@ from trustcnn.metrics import (
     randomize_layer,
     saliency_iou,
     spearman_per_sample,
-    wilson_interval,
 )
+from trustcnn.metrics.stats import Estimate, mean_estimate, wilson_estimate
 from trustcnn.runs import LoadedRun, load_run
 from trustcnn.saliency import build_saliency
 
@@ -62,45 +61,6 @@ log = logging.getLogger("trustcnn.evaluate")
 
 # Data keys that change how the test set is loaded, not which images it holds.
 LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "root"})
-
-
-@dataclass
-class Estimate:
-    """A point estimate with its 95% confidence interval; ``method`` names how the interval was made."""
-
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int
-    method: str
-
-    def format(self, digits: int = 3) -> str:
-        if not math.isfinite(self.value):
-            return "n/a"
-        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
-            return f"{self.value:.{digits}f}"
-        return f"{self.value:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
-
-
-def wilson_estimate(successes: int, total: int, z: float = 1.96) -> Estimate:
-    """Proportion ``successes / total`` with its Wilson interval."""
-    low, high = wilson_interval(successes, total, z=z)
-    value = successes / total if total else math.nan
-    return Estimate(value, low, high, int(total), "wilson")
-
-
-def mean_estimate(values: np.ndarray | torch.Tensor, level: float = 0.95) -> Estimate:
-    """Mean of per-image scores (NaNs dropped) with the t-interval ``mean ± t·sd/√n``."""
-    v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    n = v.size
-    if n == 0:
-        return Estimate(math.nan, math.nan, math.nan, 0, "t")
-    mean = float(v.mean())
-    if n < 2:
-        return Estimate(mean, math.nan, math.nan, 1, "t")
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return Estimate(mean, mean - half, mean + half, n, "t")
 
 
 def macro_precision_recall(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from scipy import stats
 
 from trustcnn.metrics import CASE_NAMES, wilson_interval
+from trustcnn.metrics.stats import mean_estimate
 
 log = logging.getLogger("trustcnn.report")
 
@@ -317,8 +317,8 @@ def confidence_interval(group: list[JobResult], metric: str) -> tuple[float, flo
         return math.nan, math.nan, math.nan, "—"
     mean = float(v.mean())
     if v.size >= 2:
-        half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-        return mean, mean - half, mean + half, f"t, {v.size} seeds"
+        est = mean_estimate(v)
+        return est.value, est.ci_low, est.ci_high, f"t, {v.size} seeds"
     n = group[0].test_size
     if n and 0.0 <= mean <= 1.0:
         low, high = wilson_interval(mean * n, n)

@@ -1,10 +1,13 @@
-"""Confidence intervals shared by the saliency case table and the classification metrics."""
+"""Confidence intervals shared by the case table, `trustcnn.evaluate` and `trustcnn.report`."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 
@@ -53,3 +56,42 @@ def wilson_interval(
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass
+class Estimate:
+    """A point estimate with its 95% confidence interval; ``method`` names how the interval was made."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    method: str
+
+    def format(self, digits: int = 3) -> str:
+        if not math.isfinite(self.value):
+            return "n/a"
+        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+
+
+def wilson_estimate(successes: int, total: int, z: float = 1.96) -> Estimate:
+    """Proportion ``successes / total`` with its Wilson interval."""
+    low, high = wilson_interval(successes, total, z=z)
+    value = successes / total if total else math.nan
+    return Estimate(value, low, high, int(total), "wilson")
+
+
+def mean_estimate(values: np.ndarray | torch.Tensor, level: float = 0.95) -> Estimate:
+    """Mean of per-image scores (NaNs dropped) with the t-interval ``mean ± t·sd/√n``."""
+    v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = v.size
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, "t")
+    mean = float(v.mean())
+    if n < 2:
+        return Estimate(mean, math.nan, math.nan, 1, "t")
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return Estimate(mean, mean - half, mean + half, n, "t")
