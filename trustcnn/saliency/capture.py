@@ -32,7 +32,21 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     )
 
 
-class LayerCapture:
+class Armable:
+    """A hook owner whose hooks act only while ``armed``; :meth:`armed_for` arms it for one block."""
+
+    armed: bool = True
+
+    @contextmanager
+    def armed_for(self) -> Iterator[None]:
+        previous, self.armed = self.armed, True
+        try:
+            yield
+        finally:
+            self.armed = previous
+
+
+class LayerCapture(Armable):
     """Forward hook that records the output ``A`` of one layer, ready for ``autograd.grad``.
 
     The hook keeps the layer's original output as ``activations`` and hands a *clone* downstream, so a
@@ -58,15 +72,6 @@ class LayerCapture:
         self.activations: torch.Tensor | None = None
         self.armed = armed
         self._handle = self.layer.register_forward_hook(self._hook)
-
-    @contextmanager
-    def armed_for(self) -> Iterator[None]:
-        """Record during the enclosed forward pass only."""
-        previous, self.armed = self.armed, True
-        try:
-            yield
-        finally:
-            self.armed = previous
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self.armed:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustcnn.saliency.capture import Armable
+
 ChannelReduce = Literal["abs_sum", "abs_max", "sum", "none"]
 
 
@@ -46,7 +48,7 @@ class _GuidedGate(torch.autograd.Function):
 GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
 
-class GuidedBackprop:
+class GuidedBackprop(Armable):
     """Installs guided-backward gates on every ``ReLU``/``ReLU6`` module of ``model``.
 
     Works with ``inplace=True`` activations (VGG, MobileNetV2, ResNet): the gate sits on the module's
@@ -73,14 +75,6 @@ class GuidedBackprop:
             return None
         return _GuidedGate.apply(output, self._switch)
 
-    @contextmanager
-    def armed_for(self) -> Iterator[None]:
-        """Insert the gates in the forwards run inside this block."""
-        previous, self.armed = self.armed, True
-        try:
-            yield
-        finally:
-            self.armed = previous
 
     @contextmanager
     def active(self) -> Iterator[None]:
