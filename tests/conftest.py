@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
+import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -48,3 +50,21 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
         return shrink(compose_config(list(overrides)), tmp_path / output, cache_dir)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``random_weights(arch)``: a local state-dict file of torchvision ``arch`` with random weights (seed 0),
+    written once per session and shared by every test file (VGG-16's is ~528 MB)."""
+    folder = tmp_path_factory.mktemp("random_weights")
+    made: dict[str, Path] = {}
+
+    def file_for(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            path = folder / f"{arch}_random.pth"
+            torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
+            made[arch] = path
+        return made[arch]
+
+    return file_for

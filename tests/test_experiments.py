@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from captum.attr import LayerGradCam
 from captum.attr._core.guided_backprop_deconvnet import GuidedBackprop as CaptumGuidedBackprop
 from hydra import compose, initialize_config_dir
@@ -56,25 +55,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("weights")
+def mobilenet_file(random_weights) -> Path:
+    return random_weights("mobilenet_v2")
 
 
 @pytest.fixture(scope="session")
-def mobilenet_file(weights_dir: Path) -> Path:
-    path = weights_dir / "mobilenet_v2_random.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def vgg16_file(weights_dir: Path) -> Path:
-    """A random VGG-16 state dict (~528 MB), written once per session."""
-    path = weights_dir / "vgg16_random.pth"
-    torch.manual_seed(0)
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
-    return path
+def vgg16_file(random_weights) -> Path:
+    return random_weights("vgg16")
 
 
 @pytest.fixture(scope="session")

@@ -134,17 +134,27 @@ def test_pointing_game_tolerance_equals_disk_dilation_scipy():
         assert pointing_game(maps, masks, tolerance=t).tolist() == expected
 
 
+def _quantus_scores(metric_cls, maps: torch.Tensor, masks: torch.Tensor) -> list:
+    """Per-sample scores of a Quantus localisation metric on ``maps (N, h, w)`` and ``masks``.
+
+    Quantus needs a model and inputs, but its localisation metrics only read the attributions and the
+    masks, so a tiny linear model on random images stands in.
+    """
+    n, h, w = maps.shape
+    x = np.random.default_rng(0).random((n, 3, h, w)).astype(np.float32)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * h * w, 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return metric_cls(normalise=False, abs=False, disable_warnings=True)(
+            model=model, x_batch=x, y_batch=np.zeros(n, dtype=int),
+            a_batch=maps[:, None].numpy(), s_batch=masks.float().numpy(), device="cpu",
+        )
+
+
 def test_pointing_game_matches_quantus():
     quantus = pytest.importorskip("quantus")
     maps, masks = _random_batch(2, n=16, h=12, w=12)
-    x = np.random.default_rng(0).random((16, 3, 12, 12)).astype(np.float32)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 2)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantus.PointingGame(normalise=False, abs=False, disable_warnings=True)(
-            model=model, x_batch=x, y_batch=np.zeros(16, dtype=int),
-            a_batch=maps[:, None].numpy(), s_batch=masks.float().numpy(), device="cpu",
-        )
+    q = _quantus_scores(quantus.PointingGame, maps, masks)
     ours = pointing_game(maps, masks, tolerance=0)
     assert ours.tolist() == [float(v) for v in q]
     assert 0 < ours.mean() < 1  # the comparison saw both hits and misses
@@ -184,14 +194,7 @@ def test_energy_pointing_game_skips_empty_masks():
 def test_energy_pointing_game_matches_quantus_relevance_mass():
     quantus = pytest.importorskip("quantus")
     maps, masks = _random_batch(3, n=10, h=16, w=16)
-    x = np.random.default_rng(0).random((10, 3, 16, 16)).astype(np.float32)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = quantus.RelevanceMassAccuracy(normalise=False, abs=False, disable_warnings=True)(
-            model=model, x_batch=x, y_batch=np.zeros(10, dtype=int),
-            a_batch=maps[:, None].numpy(), s_batch=masks.float().numpy(), device="cpu",
-        )
+    q = _quantus_scores(quantus.RelevanceMassAccuracy, maps, masks)
     np.testing.assert_allclose(energy_pointing_game(maps, masks).numpy(), np.asarray(q, dtype=np.float64), rtol=1e-10)
 
 

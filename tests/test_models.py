@@ -57,30 +57,21 @@ def x():
 
 
 @pytest.fixture(scope="module")
-def mnv2_file(tmp_path_factory):
-    torch.manual_seed(1)
-    net = torchvision.models.mobilenet_v2(weights=None)
-    path = tmp_path_factory.mktemp("w") / "mnv2.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def mnv2_file(random_weights):
+    return random_weights("mobilenet_v2")
 
 
 @pytest.fixture(scope="module")
-def resnet18_file(tmp_path_factory):
-    torch.manual_seed(2)
-    net = torchvision.models.resnet18(weights=None)
-    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def resnet18_file(random_weights):
+    return random_weights("resnet18")
 
 
 @pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory, x):
-    """VGG-16 random weights saved once (~528 MB) plus the reference output of the original model."""
-    torch.manual_seed(3)
+def vgg_file(random_weights, x):
+    """VGG-16 random weights (the session's shared file) plus the reference output of torchvision's model."""
+    path = random_weights("vgg16")
     net = torchvision.models.vgg16(weights=None).eval()
-    path = tmp_path_factory.mktemp("w") / "vgg16.pth"
-    torch.save(net.state_dict(), path)
+    net.load_state_dict(torch.load(path, weights_only=True))
     with torch.no_grad():
         ref = net(x)
     del net
