@@ -35,7 +35,7 @@ from trustcnn.evaluate import (
 )
 from trustcnn.evaluate import main as evaluate_main
 from trustcnn.metrics import wilson_interval
-from trustcnn.report import collect_sweep, confidence_interval, group_jobs, mean_std, write_report
+from trustcnn.report import collect_sweep, confidence_interval, group_jobs, mean_std, selection_value, write_report
 from trustcnn.report import main as report_main
 from trustcnn.runs import load_run
 from trustcnn.train import _record_failure, train
@@ -242,7 +242,7 @@ def test_saliency_override_from_guided_drops_guided_only_options(tmp_path: Path)
 @pytest.fixture(scope="session")
 def report(sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("report")
-    return write_report(sweep, out, metric="test/acc", evaluate=True, eval_max_images=32, device="cpu")
+    return write_report(sweep, out, evaluate=True, eval_max_images=32, device="cpu")  # picks by optimized_metric
 
 
 def test_collect_sweep_reads_overrides_config_metrics_and_errors(sweep: Path) -> None:
@@ -311,10 +311,14 @@ def test_report_markdown_tables_and_failed_jobs(report: dict) -> None:
 
 def test_report_best_job_heatmap_and_grid(report: dict) -> None:
     best, jobs = report["best"], report["jobs"]
+    assert (report["metric"], report["mode"]) == ("val/acc", "max")  # the runs' optimized_metric, not a test metric
     trained = [j for j in jobs if j.ok and j.config["loss"] != "ce"]
-    assert best.metrics["test/acc"] == max(j.metrics["test/acc"] for j in trained)
+    # val/acc at the tested checkpoint (best_val/acc for runs made before that was recorded); ties: first job.
+    values = [selection_value(j, "val/acc")[0] for j in trained]
+    assert best is trained[values.index(max(values))]
     assert report["baseline"].num == 0
-    assert report["files"]["heatmap_test_acc.png"].stat().st_size > 5000
+    assert report["files"]["heatmap_val_acc.png"].stat().st_size > 5000
+    assert report["files"]["heatmap_test_acc.png"].stat().st_size > 5000  # test/acc is reported, not selected on
     assert report["files"]["saliency_best_vs_baseline.png"].stat().st_size > 5000
 
 
@@ -323,7 +327,7 @@ def test_report_without_lam_variation_skips_the_heatmap_with_a_note(sweep: Path,
     small.mkdir()
     for num in (0, 1):  # the baseline and one trust job: nothing to draw over lr × λ
         (small / job(sweep, num).name).symlink_to(job(sweep, num), target_is_directory=True)
-    result = write_report(small, metric="test/energy_pointing_game", grid=False)
+    result = write_report(small, metric="val/acc", grid=False)
     assert not list(small.glob("heatmap_*.png"))
     assert any(n.startswith("No heatmap: the sweep does not vary both") for n in result["notes"])
     assert "Evaluation of the best job" not in (small / "report.md").read_text()  # no --evaluate
@@ -366,9 +370,15 @@ def test_report_cli_errors(tmp_path: Path, capsys) -> None:
 
 def test_report_cli_rejects_an_unknown_metric(sweep: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        report_main([str(sweep), "--out", str(tmp_path), "--metric", "test/accuracy", "--no-grid"])
+        report_main([str(sweep), "--out", str(tmp_path), "--metric", "val/accuracy", "--no-grid"])
     err = capsys.readouterr().err
-    assert "'test/accuracy'" in err and "test/acc" in err
+    assert "'val/accuracy'" in err and "val/acc" in err
+
+
+def test_report_cli_refuses_to_select_on_a_test_metric(sweep: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        report_main([str(sweep), "--out", str(tmp_path), "--metric", "test/acc", "--no-grid"])
+    assert exc.value.code == 2 and "'test/acc' is a test metric" in capsys.readouterr().err
 
 
 def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
@@ -383,7 +393,7 @@ def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
     ]
     done = subprocess.run(train_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    report_cmd = [sys.executable, "-m", "trustcnn.report", str(sweep_dir), "--metric", "test/acc", "--no-grid"]
+    report_cmd = [sys.executable, "-m", "trustcnn.report", str(sweep_dir), "--no-grid"]  # by optimized_metric
     done = subprocess.run(report_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "## Table 1" in done.stdout
@@ -395,5 +405,7 @@ def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
         assert f"optim.lr={r['lr']}" in r["overrides"] and f"loss.lam={r['lam']}" in r["overrides"]
     md = (sweep_dir / "report.md").read_text()
     assert md.count("loss.lam must lie in [0, 1]") == 2
+    assert "Best by `val/acc` (max; " in md
+    assert (sweep_dir / "heatmap_val_acc.png").stat().st_size > 5000
     assert (sweep_dir / "heatmap_test_acc.png").stat().st_size > 5000
     assert all(math.isfinite(float(r["test/acc"])) for r in rows if r["status"] == "ok")

@@ -22,7 +22,7 @@ from trustcnn.models import (
     WeightsUnavailableError,
     freeze_except,
     mobilenet_v2_transfer,
-    set_frozen_batchnorm_eval,
+    set_trainable_mode,
     torchvision_classifier,
     vgg16,
 )
@@ -104,8 +104,7 @@ def _changed(before: dict[str, torch.Tensor], net: nn.Module) -> set[str]:
 
 
 def _train_step(net: nn.Module, trainable: list[str], x: torch.Tensor, num_classes: int) -> None:
-    net.train()
-    set_frozen_batchnorm_eval(net, trainable)
+    set_trainable_mode(net, trainable)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     y = torch.arange(x.shape[0]) % num_classes
     loss = nn.functional.cross_entropy(net(x), y)
@@ -378,10 +377,9 @@ class _TinyLinearNet(nn.Module):
         self.linear = nn.Linear(2, 2)
 
 
-def test_set_frozen_batchnorm_eval_and_dropout_option():
+def test_set_trainable_mode_trains_only_the_trainable_modules():
     net = nn.Sequential(_small(), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm2d(4), nn.Dropout(0.5))).train()
-    switched = set_frozen_batchnorm_eval(net, ["2"])
-    assert switched == ["0.1", "0.4"]
-    assert net[2][0].training and net[1].training
-    assert set_frozen_batchnorm_eval(net.train(), ["2"], dropout=True) == ["0.1", "0.4", "1"]
-    assert not net[1].training and net[2][1].training
+    assert set_trainable_mode(net, ["2"]) == ["2", "2.0", "2.1"]
+    assert not net[0][1].training and not net[1].training  # frozen BatchNorm and frozen dropout
+    assert net[2][0].training and net[2][1].training
+    assert set_trainable_mode(net, ["2"], training=False) == []

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision,
 
 from trustcnn.metrics import CASE_NAMES, CaseTable, EnergyPointingGame, PointingGame
 from trustcnn.models.base import BuiltModel
-from trustcnn.models.freeze import freeze_except, set_frozen_batchnorm_eval
+from trustcnn.models.freeze import freeze_except, set_trainable_mode
 from trustcnn.saliency import SaliencyOutput, build_saliency
 
 
@@ -82,17 +82,28 @@ class TrustModule(pl.LightningModule):
         }) if has_masks else None
         # The paper's Table 3, automated on the test sets when masks exist.
         self.case_tables = nn.ModuleDict({f"{s}_metrics": CaseTable() for s in self.test_set_names}) if has_masks else None
+        self.train()
 
-    # Frozen means frozen statistics too. Lightning restores each sub-module's mode itself after
-    # validation (bypassing train()), so the frozen BatchNorms are also put back before every batch.
+    # Modes: trainable modules follow train()/eval(); frozen ones stay in eval mode always, so their
+    # BatchNorm statistics and dropout never change the frozen function. Lightning (>= 2.2) starts `fit`
+    # with the module's current mode and restores each sub-module's flag after validation, so the module
+    # is put in training mode here and again at every training epoch's start.
     def train(self, mode: bool = True) -> "TrustModule":
         super().train(mode)
-        if mode:
-            set_frozen_batchnorm_eval(self.net, list(self.built.trainable))
+        set_trainable_mode(self.net, list(self.built.trainable), mode)
         return self
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        set_frozen_batchnorm_eval(self.net, list(self.built.trainable))
+    def on_train_epoch_start(self) -> None:
+        self.train()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The validation metrics of the epoch this checkpoint ends, so the tested checkpoint's own
+        # validation values (not the best epoch's) reach metrics.json, sweepers and the report.
+        trainer = self._trainer
+        if trainer is None:
+            return
+        checkpoint["val_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                     if k.startswith("val/") and torch.as_tensor(v).numel() == 1}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

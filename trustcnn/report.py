@@ -1,7 +1,7 @@
 """Aggregate a Hydra multirun of ``python -m trustcnn.train -m`` into paper-style tables and plots.
 
-``python -m trustcnn.report <sweep dir> [--out DIR] [--metric test/acc] [--evaluate]`` writes (into the
-sweep dir unless ``--out``):
+``python -m trustcnn.report <sweep dir> [--out DIR] [--metric val/acc] [--mode max|min] [--evaluate]`` writes
+(into the sweep dir unless ``--out``):
 
 * ``results.csv``: one row per job — status, overrides, key config values, every metric, the error;
 * ``report.md``: Table 1 (accuracy / precision / recall per model = loss × saliency, and ablation; mean ± std
@@ -9,8 +9,17 @@ sweep dir unless ``--out``):
   from their ``metrics.json``, else — with ``--evaluate`` — computed by :mod:`trustcnn.evaluate`),
   test-time localization metrics, the list of every job and a **Failed jobs** section. ``--evaluate`` also
   runs the full evaluation of the best job against the baseline (``<out>/evaluation/``) and appends it;
-* ``heatmap_<metric>.png``: the metric over the lr × λ grid (only when the sweep varies both);
+* ``heatmap_<metric>.png``: the selection metric, and ``test/acc``, over the lr × λ grid (only when the sweep
+  varies both; ``/`` in the name becomes ``_``);
 * ``saliency_best_vs_baseline.png``: maps of the best job next to the baseline's (``loss=ce``) job.
+
+The best job (and, among ``loss=ce`` jobs, the baseline) is picked by a validation metric, never a test metric
+(that would select on the test set, and the test numbers of the pick would be optimistic): by default the
+jobs' ``optimized_metric`` (``val/acc``), in the mode their checkpoint callback used (see
+:func:`trustcnn.checkpoints.metric_mode`), else ``--metric`` / ``--mode``. A job's value is its
+``metrics.json`` entry under the metric's own name — the value at the checkpoint that was tested; runs made
+before that was recorded (no ``tested_epoch``) tested their best checkpoint, so their ``best_<metric>`` is
+used, with a note. A test metric as ``--metric`` is an error; test metrics stay in every table.
 
 Jobs are grouped by every varied setting except ``seed``, so seeds are the repetitions a group's mean,
 std and CI are taken over. Confidence intervals (Table 2): with >= 2 seeds, the t-interval over seeds
@@ -32,11 +41,12 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from trustcnn.checkpoints import metric_mode, read_run_record
 from trustcnn.metrics import CASE_NAMES, wilson_interval
 from trustcnn.metrics.stats import mean_estimate
 
@@ -296,8 +306,8 @@ def group_jobs(jobs: list[JobResult]) -> dict[tuple[tuple[str, str], ...], list[
     return dict(groups)
 
 
-def _values(group: list[JobResult], metric: str) -> np.ndarray:
-    v = np.array([j.metrics.get(metric, math.nan) for j in group], dtype=np.float64)
+def _values(group: list[JobResult], metric: str, value: Callable[[JobResult], float] | None = None) -> np.ndarray:
+    v = np.array([value(j) if value else j.metrics.get(metric, math.nan) for j in group], dtype=np.float64)
     return v[np.isfinite(v)]
 
 
@@ -359,25 +369,154 @@ def _metric_table(groups: dict, metrics: Sequence[str], cell) -> list[str]:
     return lines + [""]
 
 
-def pick_best(jobs: list[JobResult], metric: str, mode: str = "max") -> JobResult | None:
-    """The finished job with the best ``metric``; a non-baseline job when there is one."""
-    scored = [j for j in jobs if j.ok and math.isfinite(j.metrics.get(metric, math.nan))]
-    trained = [j for j in scored if j.config.get("loss") != "ce"] or scored
-    if not trained:
+def is_test_metric(metric: str) -> bool:
+    """Whether ``metric`` is measured on a test set: its prefix before ``/`` starts with ``test``
+    (``test/acc``, ``test_consistent/acc``; also behind ``best_``). ``tested_epoch`` / ``tested_step`` are not."""
+    head = metric.removeprefix("best_").split("/", 1)[0]
+    return head.startswith("test") and not head.startswith("tested")
+
+
+def _refuse_test_metric(metric: str) -> None:
+    if is_test_metric(metric):
+        raise ValueError(f"{metric!r} is a test metric: picking the best job by it selects on the test set; choose "
+                         "a validation metric such as val/acc (the runs' optimized_metric), e.g. --metric val/acc. "
+                         "Test metrics are still reported in every table, results.csv and the test/acc heatmap.")
+
+
+def _optimized_metric(job: JobResult) -> str | None:
+    """The job's ``optimized_metric``: its resolved config, else its ``run.json``."""
+    value = _select(job.extra.get("cfg"), "optimized_metric")
+    if value is None:
+        value = (read_run_record(job.path) or {}).get("optimized_metric")
+    return str(value) if value is not None else None
+
+
+def _explicit_mode(job: JobResult, metric: str) -> str | None:
+    """The mode the job's checkpoint callback was told for ``metric`` (``None``: not given, or ``metric`` is not
+    the job's optimized_metric): ``callbacks.model_checkpoint.mode`` of its config, else ``run.json``'s
+    ``optimized_mode`` (the mode training actually used)."""
+    if _optimized_metric(job) != metric:
         return None
-    pick = max if mode == "max" else min
-    return pick(trained, key=lambda j: j.metrics[metric])
+    mode = _select(job.extra.get("cfg"), "callbacks.model_checkpoint.mode")
+    if mode is None:
+        record = read_run_record(job.path) or {}
+        if record.get("optimized_metric") == metric:
+            mode = record.get("optimized_mode")
+    return str(mode) if mode is not None else None
 
 
-def pick_baseline(jobs: list[JobResult], best: JobResult | None, metric: str) -> JobResult | None:
+def selection_rule(jobs: list[JobResult], metric: str | None = None, mode: str | None = None) -> tuple[str, str]:
+    """``(metric, mode)`` that rank the jobs of a sweep.
+
+    ``metric`` defaults to the finished jobs' ``optimized_metric`` (all jobs' when none finished); ``mode`` to
+    :func:`trustcnn.checkpoints.metric_mode` of the metric and, when it is the optimized metric, the jobs'
+    ``callbacks.model_checkpoint.mode`` — the rule their checkpoints were picked by.
+
+    Raises:
+        ValueError: the jobs disagree on ``optimized_metric`` or on its mode (pass ``metric`` / ``mode``), none
+            declares one, or the metric is a test metric (selecting on it would select on the test set).
+    """
+    ok = [j for j in jobs if j.ok]
+    if metric is None:
+        declared = sorted({m for j in (ok or jobs) if (m := _optimized_metric(j)) is not None})
+        if len(declared) > 1:
+            raise ValueError(f"The jobs disagree on optimized_metric ({', '.join(declared)}), so the metric that picks "
+                             "the best job is ambiguous; pass --metric (e.g. --metric val/acc).")
+        if not declared:
+            if ok:
+                raise ValueError("No finished job's config.yaml (or run.json) names an optimized_metric to pick the "
+                                 "best job by; pass --metric (e.g. --metric val/acc).")
+            declared = ["val/acc"]  # nothing to rank: any validation metric does for the failed-jobs report
+        metric = declared[0]
+    _refuse_test_metric(metric)
+    if mode is None:
+        explicit = sorted({m for j in (ok or jobs) if (m := _explicit_mode(j, metric)) is not None})
+        if len(explicit) > 1:
+            raise ValueError(f"The jobs' checkpoint modes for {metric!r} disagree ({', '.join(explicit)}); "
+                             "pass --mode max or --mode min.")
+        mode = metric_mode(metric, explicit[0] if explicit else None)
+    return metric, metric_mode(metric, mode)  # validates an explicit mode
+
+
+def selection_value(job: JobResult, metric: str) -> tuple[float, str | None]:
+    """``(value, key read)`` of ``metric`` for ranking ``job``: its ``metrics.json`` value under the metric's own
+    name (new runs record the validation metrics at the tested checkpoint), else — for runs made before that,
+    which have no ``tested_epoch`` and tested their best checkpoint — ``best_<metric>``. ``(nan, None)`` when the
+    job has neither (or a non-finite value): it cannot be ranked."""
+    value = job.metrics.get(metric, math.nan)
+    if math.isfinite(value):
+        return value, metric
+    best = job.metrics.get(f"best_{metric}", math.nan)
+    if not metric.startswith("best_") and "tested_epoch" not in job.metrics and math.isfinite(best):
+        return best, f"best_{metric}"
+    return math.nan, None
+
+
+def _ranked(jobs: list[JobResult], metric: str, mode: str) -> list[JobResult]:
+    """``jobs`` best first by :func:`selection_value`; unrankable jobs last, ties in the given (job) order."""
+    def key(indexed: tuple[int, JobResult]) -> tuple[bool, float, int]:
+        value = selection_value(indexed[1], metric)[0]
+        if not math.isfinite(value):
+            return True, 0.0, indexed[0]
+        return False, -value if mode == "max" else value, indexed[0]
+
+    return [j for _, j in sorted(enumerate(jobs), key=key)]
+
+
+def pick_best(jobs: list[JobResult], metric: str, mode: str | None = None) -> JobResult | None:
+    """The finished job with the best :func:`selection_value` of ``metric`` (``mode``: ``"max"``/``"min"``,
+    default from the metric's name); a non-baseline job when there is one; ties go to the lower job number.
+
+    Raises:
+        ValueError: ``metric`` is a test metric.
+    """
+    _refuse_test_metric(metric)
+    mode = metric_mode(metric, mode)
+    scored = [j for j in jobs if j.ok and math.isfinite(selection_value(j, metric)[0])]
+    trained = [j for j in scored if j.config.get("loss") != "ce"] or scored
+    return _ranked(trained, metric, mode)[0] if trained else None
+
+
+def pick_baseline(jobs: list[JobResult], best: JobResult | None, metric: str,
+                  mode: str | None = None) -> JobResult | None:
     """A finished ``loss=ce`` job, preferring the best job's saliency method (maps are only comparable
-    with the same method), then its seed, then the best by ``metric``."""
+    with the same method), then its seed, then the best :func:`selection_value` of ``metric`` under ``mode``
+    (a job without one still serves as the baseline, after those with one).
+
+    Raises:
+        ValueError: ``metric`` is a test metric.
+    """
+    _refuse_test_metric(metric)
+    mode = metric_mode(metric, mode)
     ce = [j for j in jobs if j.ok and j.config.get("loss") == "ce"]
-    if not ce or best is None:
-        return max(ce, key=lambda j: j.metrics.get(metric, -math.inf)) if ce else None
-    for key in ("saliency", "seed"):
-        ce = [j for j in ce if j.config.get(key) == best.config.get(key)] or ce
-    return max(ce, key=lambda j: j.metrics.get(metric, -math.inf))
+    if not ce:
+        return None
+    if best is not None:
+        for key in ("saliency", "seed"):
+            ce = [j for j in ce if j.config.get(key) == best.config.get(key)] or ce
+    return _ranked(ce, metric, mode)[0]
+
+
+def _nums(jobs: list[JobResult]) -> str:
+    return ", ".join(str(j.num) if j.num is not None else j.job for j in jobs)
+
+
+def _tested_epoch(job: JobResult) -> int | None:
+    value = job.metrics.get("tested_epoch")
+    if value is None:
+        value = (read_run_record(job.path) or {}).get("tested_epoch")
+    try:
+        return int(value) if value is not None and math.isfinite(float(value)) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _selectable_metrics(jobs: list[JobResult]) -> list[str]:
+    """Metric names finished jobs can be ranked by (no test metric, no checkpoint record)."""
+    names = {k for j in jobs if j.ok for k in j.metrics if not is_test_metric(k) and not k.startswith("tested")}
+    names |= {k.removeprefix("best_") for j in jobs if j.ok for k in j.metrics
+              if k.startswith("best_") and selection_value(j, k.removeprefix("best_"))[1] == k}
+    return sorted(names)
 
 
 def _case_table_from_metrics(job: JobResult) -> dict[str, float] | None:
@@ -401,9 +540,12 @@ def _case_table_lines(tables: dict[str, dict[str, float]]) -> list[str]:
     return lines + [""]
 
 
-def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
+def write_heatmap(jobs: list[JobResult], metric: str, path: Path,
+                  value: Callable[[JobResult], float] | None = None) -> Path | str:
     """``metric`` over lr × λ (mean over seeds), one panel per setting of the other varied keys.
 
+    ``value`` reads a job's value (default: ``metrics[metric]``; the report passes :func:`selection_value` for
+    the selection metric so old runs show the ``best_`` value it ranked them by).
     Returns the PNG path, or the reason no heatmap was drawn. Cells of failed jobs read "failed".
     """
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook) alone
@@ -422,7 +564,7 @@ def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
         panels[tuple((c, _fmt_value(j.config.get(c))) for c in panel_cols)
                + tuple((k, _fmt_value(j.overrides.get(k))) for k in extra
                        if k.lstrip("+~") not in ("optim.lr", "loss.lam"))].append(j)
-    finite = _values([j for j in trust if j.ok], metric)
+    finite = _values([j for j in trust if j.ok], metric, value)
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     fig = Figure(figsize=(1.6 + 1.3 * len(lams) * len(panels), 1.2 + 0.9 * len(lrs)))
     axes = fig.subplots(1, len(panels), squeeze=False)
@@ -432,7 +574,7 @@ def write_heatmap(jobs: list[JobResult], metric: str, path: Path) -> Path | str:
         for r, lr in enumerate(lrs):
             for c, lam in enumerate(lams):
                 cell = [j for j in members if float(j.config["lr"]) == lr and float(j.config["lam"]) == lam]
-                values = _values([j for j in cell if j.ok], metric)
+                values = _values([j for j in cell if j.ok], metric, value)
                 if values.size:
                     grid[r, c] = values.mean()
                     labels[r][c] = f"{values.mean():.3f}" + (f"\n±{values.std(ddof=1):.3f}" if values.size > 1 else "")
@@ -479,8 +621,8 @@ def write_results_csv(jobs: list[JobResult], path: Path) -> Path:
 def write_report(
     sweep_dir: str | Path,
     out_dir: str | Path | None = None,
-    metric: str = "test/acc",
-    mode: str = "max",
+    metric: str | None = None,
+    mode: str | None = None,
     evaluate: bool = False,
     eval_max_images: int | None = None,
     grid: bool = True,
@@ -491,8 +633,12 @@ def write_report(
     Args:
         sweep_dir: the multirun directory.
         out_dir: where to write (default: ``sweep_dir``).
-        metric: the metric that picks the best job and colors the heatmap.
-        mode: ``"max"`` or ``"min"``: whether a higher or lower ``metric`` is better.
+        metric: the validation metric that picks the best job (and the baseline), read per job by
+            :func:`selection_value`; default: the jobs' ``optimized_metric``. A test metric is refused.
+            Heatmaps are drawn for it and for ``test/acc``.
+        mode: ``"max"`` or ``"min"``: whether a higher or lower ``metric`` is better; default: the jobs'
+            ``callbacks.model_checkpoint.mode`` for their optimized metric, else inferred from the name
+            (:func:`trustcnn.checkpoints.metric_mode`: losses are minimized).
         evaluate: run :func:`trustcnn.evaluate.evaluate_runs` on the best job and the baseline (writes
             ``<out>/evaluation/`` and adds its tables to the report); its case table fills Table 3 when the
             jobs' metrics hold none.
@@ -500,28 +646,56 @@ def write_report(
         grid: draw the saliency grid of the best job against the baseline (needs a ``loss=ce`` job).
 
     Returns:
-        ``{"jobs": [...], "best": JobResult | None, "baseline": ..., "files": {name: path}, "notes": [...]}``.
+        ``{"jobs": [...], "best": JobResult | None, "baseline": ..., "metric": str, "mode": str,
+        "files": {name: path}, "notes": [...], "markdown": str}``.
+
+    Raises:
+        ValueError: a test metric, a metric no finished job has, or an ambiguous default (see
+            :func:`selection_rule`); raised before anything is written.
     """
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     jobs = collect_sweep(sweep_dir)
-    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    metric, mode = selection_rule(jobs, metric, mode)
     ok = [j for j in jobs if j.ok]
     available = sorted({k for j in ok for k in j.metrics})
-    if ok and metric not in available:
-        raise ValueError(f"No finished job has the metric {metric!r}; choose one of: {', '.join(available)}.")
+    ranked = {j.job: selection_value(j, metric) for j in ok}
+    if ok and not any(key for _, key in ranked.values()):
+        raise ValueError(f"No finished job has a value of the metric {metric!r} in its metrics.json (nor "
+                         f"best_{metric}, which runs made before the tested checkpoint's validation metrics were "
+                         f"recorded have); choose one of: {', '.join(_selectable_metrics(jobs)) or 'none'}.")
+    out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
     _attach_test_sizes(jobs)
     files: dict[str, Path] = {"results.csv": write_results_csv(jobs, out / "results.csv")}
     notes: list[str] = []
+    fallback = [j for j in ok if ranked[j.job][1] not in (None, metric)]
+    if fallback:
+        notes.append(f"Job(s) {_nums(fallback)} have no `{metric}` in metrics.json (made before runs recorded the "
+                     f"validation metrics of the tested checkpoint; they tested their best checkpoint): ranked by "
+                     f"their `best_{metric}`, the value at that checkpoint.")
+    unranked = [j for j in ok if ranked[j.job][1] is None]
+    if unranked:
+        notes.append(f"Job(s) {_nums(unranked)} have neither `{metric}` nor (as runs made before `tested_epoch` was "
+                     f"recorded) `best_{metric}` in metrics.json: not ranked for the best job.")
     groups = group_jobs(jobs)
     best = pick_best(jobs, metric, mode)
-    baseline = pick_baseline(jobs, best, metric)
+    baseline = pick_baseline(jobs, best, metric, mode)
 
+    if metric.startswith("best_"):
+        what = "best validation value during training, not necessarily at the tested checkpoint"
+    else:
+        what = ("validation " if metric.split("/", 1)[0].startswith("val") else "") + \
+            "value at each job's tested checkpoint"
+    if best is not None:
+        epoch = _tested_epoch(best)
+        picked = f"job {best.num} ({ranked[best.job][0]:.4f}" + (f", tested epoch {epoch}" if epoch is not None
+                                                                   else "") + ")"
+    else:
+        picked = "none"
     md = [f"# Sweep report: `{Path(sweep_dir)}`", "",
-          f"{len(jobs)} jobs: {len(ok)} finished, {len(jobs) - len(ok)} failed. Best by `{metric}` ({mode}): "
-          + (f"job {best.num} ({best.metrics[metric]:.4f})" if best else "none") + "; baseline (loss=ce): "
-          + (f"job {baseline.num}" if baseline else "none") + ".", ""]
+          f"{len(jobs)} jobs: {len(ok)} finished, {len(jobs) - len(ok)} failed. Best by `{metric}` ({mode}; {what}): "
+          + picked + "; baseline (loss=ce): " + (f"job {baseline.num}" if baseline else "none") + ". "
+          "Jobs are never picked by a test metric.", ""]
+    md += [f"- {n}" for n in notes] + ([""] if notes else [])
 
     present = [m for m in CLASSIFICATION if m in available]
     md += ["## Table 1: classification (mean ± std over seeds)", "",
@@ -585,15 +759,19 @@ def write_report(
         md += ["## Test-time localization and decoy reliance (mean ± std over seeds)", ""]
         md += _metric_table(groups, other, mean_std)
 
-    safe_metric = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
-    heat = write_heatmap(jobs, metric, out / f"heatmap_{safe_metric}.png")
-    md += [f"## `{metric}` over lr × λ", ""]
-    if isinstance(heat, Path):
-        files[heat.name] = heat
-        md += [f"![heatmap]({heat.name})", ""]
-    else:
-        notes.append(f"No heatmap: {heat}.")
-        md += [f"No heatmap: {heat}.", ""]
+    # The selection metric, and test/acc: reporting a test metric is fine, selecting on it is not.
+    for heat_metric in dict.fromkeys([metric, *(["test/acc"] if "test/acc" in available else [])]):
+        safe_metric = re.sub(r"[^A-Za-z0-9_.-]+", "_", heat_metric)
+        value = (lambda j: selection_value(j, metric)[0]) if heat_metric == metric else None
+        heat = write_heatmap(jobs, heat_metric, out / f"heatmap_{safe_metric}.png", value)
+        md += [f"## `{heat_metric}` over lr × λ", ""]
+        if isinstance(heat, Path):
+            files[heat.name] = heat
+            md += [f"![heatmap]({heat.name})", ""]
+        else:
+            if f"No heatmap: {heat}." not in notes:  # the reason does not depend on the metric
+                notes.append(f"No heatmap: {heat}.")
+            md += [f"No heatmap: {heat}.", ""]
 
     md += ["## Saliency maps: best job vs. baseline", ""]
     if grid and best is not None and baseline is not None and best is not baseline:
@@ -611,11 +789,18 @@ def write_report(
         notes.append(f"No saliency grid: {reason}.")
         md += [f"No saliency grid: {reason}.", ""]
 
-    md += ["## All jobs", "", f"| job | status | overrides | {metric} |", "|---|---|---|---|"]
+    shown = [m for m in ("test/acc",) if m in available and m != metric]
+    md += ["## All jobs", "", f"`{metric}`: the value each job is ranked by"
+           + (f" (`best_{metric}` for job(s) {_nums(fallback)}, see the notes above)." if fallback else "."), "",
+           "| " + " | ".join(["job", "status", "overrides", "tested epoch", metric, *shown]) + " |",
+           "|---|---|---|---|---|" + "---|" * len(shown)]
     for j in jobs:
-        value = j.metrics.get(metric)
+        selected = selection_value(j, metric)[0] if j.ok else math.nan
+        epoch = _tested_epoch(j) if j.ok else None
+        cells = [f"{selected:.4f}" if math.isfinite(selected) else "—"]
+        cells += [f"{j.metrics[m]:.4f}" if m in j.metrics else "—" for m in shown]
         md.append(f"| {j.num} | {j.status} | `{' '.join(f'{k}={v}' for k, v in j.overrides.items())}` | "
-                  + (f"{value:.4f}" if value is not None else "—") + " |")
+                  f"{epoch if epoch is not None else '—'} | " + " | ".join(cells) + " |")
     md += ["", "## Failed jobs", ""]
     failed = [j for j in jobs if not j.ok]
     if failed:
@@ -627,18 +812,28 @@ def write_report(
         md += ["None.", ""]
     (out / "report.md").write_text("\n".join(md))
     files["report.md"] = out / "report.md"
-    return {"jobs": jobs, "best": best, "baseline": baseline, "files": files, "notes": notes,
-            "markdown": "\n".join(md)}
+    return {"jobs": jobs, "best": best, "baseline": baseline, "metric": metric, "mode": mode, "files": files,
+            "notes": notes, "markdown": "\n".join(md)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trustcnn.report",
                                 description="Aggregate a `python -m trustcnn.train -m` sweep into results.csv, "
-                                            "report.md (paper-style tables), an lr × λ heatmap and a saliency grid.")
+                                            "report.md (paper-style tables), lr × λ heatmaps and a saliency grid. "
+                                            "The best job is picked by a validation metric (the runs' "
+                                            "optimized_metric unless --metric), never by a test metric.")
     p.add_argument("sweep_dir", help="the multirun directory (holds multirun.yaml and one directory per job)")
     p.add_argument("--out", metavar="DIR", help="where to write (default: the sweep directory)")
-    p.add_argument("--metric", default="test/acc", help="metric that picks the best job and colors the heatmap")
-    p.add_argument("--mode", choices=["max", "min"], default="max", help="whether higher or lower --metric is better")
+    p.add_argument("--metric", default=None,
+                   help="validation metric that picks the best job and the baseline (default: the jobs' "
+                        "optimized_metric, e.g. val/acc), read from each job's metrics.json at its tested checkpoint "
+                        "(best_<metric> for runs made before that was recorded); a test metric (test/..., "
+                        "test_consistent/...) is refused: that would select on the test set. Heatmaps: this metric "
+                        "and test/acc")
+    p.add_argument("--mode", choices=["max", "min"], default=None,
+                   help="whether a higher or lower --metric is better (default: the jobs' "
+                        "callbacks.model_checkpoint.mode for their optimized_metric, else from the name: losses min, "
+                        "others max)")
     p.add_argument("--evaluate", action="store_true",
                    help="also run trustcnn.evaluate on the best job and the baseline (SSIM vs baseline, "
                         "faithfulness, randomization check; the case table when the jobs' metrics lack it); slower")

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trustcnn.checkpoints import read_run_record
 from trustcnn.module import TrustModule
 from trustcnn.saliency import SALIENCY_METHODS
 from trustcnn.train import build_loss, build_model, build_module, instantiate_plain
@@ -27,7 +28,13 @@ class LoadedRun:
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """``(run_dir, checkpoint)`` for a run directory (its best checkpoint, else ``last.ckpt``) or a ``.ckpt`` file."""
+    """``(run_dir, checkpoint)`` for a ``.ckpt`` file, or for a run directory: the checkpoint the run tested.
+
+    That is the file ``run.json`` names (written after the test), so post-hoc analysis describes the model
+    whose numbers are in ``metrics.json``; for a run without it, the file its ``test_checkpoint`` rule
+    names (``last.ckpt`` or ``best-*.ckpt``); for runs made before ``test_checkpoint`` existed, which
+    tested their best checkpoint, ``best-*.ckpt``.
+    """
     path = Path(path)
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -35,10 +42,22 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint file; pass a directory made by "
                                 "`python -m trustcnn.train` (it holds config.yaml and checkpoints/) or a .ckpt file.")
-    best = sorted((path / "checkpoints").glob("best-*.ckpt"))
-    candidates = best or sorted((path / "checkpoints").glob("last*.ckpt"))
+    record = read_run_record(path)
+    if record and record.get("tested_checkpoint"):
+        tested = path / record["tested_checkpoint"]
+        if not tested.exists():
+            raise FileNotFoundError(f"{tested} is missing: run.json says the run tested it. Pass the .ckpt file to "
+                                    "evaluate another checkpoint of the run.")
+        return path, tested
+    rule = "best"
+    config_file = path / "config.yaml"
+    if config_file.exists():
+        rule = OmegaConf.load(config_file).get("test_checkpoint", "best")
+    ckpts = path / "checkpoints"
+    best, last = sorted(ckpts.glob("best-*.ckpt")), sorted(ckpts.glob("last*.ckpt"))
+    candidates = (last or best) if rule == "last" else (best or last)
     if not candidates:
-        raise FileNotFoundError(f"No checkpoint in {path / 'checkpoints'}; the run may have failed before its "
+        raise FileNotFoundError(f"No checkpoint in {ckpts}; the run may have failed before its "
                                 "first epoch ended (see error.json there).")
     return path, candidates[-1]
 

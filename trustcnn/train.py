@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +25,9 @@ from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
+from trustcnn.checkpoints import RUN_RECORD, check_test_checkpoint, metric_mode
 from trustcnn.config_check import UnknownConfigKeyError, check_overrides
 from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
@@ -98,6 +100,63 @@ def build_module(cfg: DictConfig, model: BuiltModel, loss: Any, datamodule: pl.L
     )
 
 
+def build_callbacks(cfg: DictConfig, with_logger: bool) -> dict[str, pl.Callback]:
+    """The ``callbacks`` group, by name (``last_checkpoint``, ``model_checkpoint``, ...).
+
+    A ``mode: null`` next to a ``monitor`` becomes that metric's direction (:func:`metric_mode`), so the
+    checkpoint, early stopping, the report and sweepers all agree on it. The progress bar is left out when
+    ``trainer.enable_progress_bar=false`` and the LR monitor when there is no logger (Lightning refuses both).
+    """
+    callbacks: dict[str, pl.Callback] = {}
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None:
+            continue
+        options = OmegaConf.to_container(cb_cfg, resolve=True)
+        if options.get("monitor") and "mode" in options:
+            options["mode"] = metric_mode(options["monitor"], options["mode"])
+        callback = instantiate_plain(options)
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        if isinstance(callback, LearningRateMonitor) and not with_logger:
+            continue
+        callbacks[name] = callback
+    return callbacks
+
+
+def tested_checkpoint_path(cfg: DictConfig, callbacks: dict[str, pl.Callback]) -> Path:
+    """The checkpoint file ``test_checkpoint`` names, after ``fit``.
+
+    ``last``: the ``last_checkpoint`` callback's file (the end of the latest epoch). ``best``: the
+    ``model_checkpoint`` callback's best file (best validation ``optimized_metric``).
+    """
+    rule = check_test_checkpoint(cfg.get("test_checkpoint", "last"))
+    name = "last_checkpoint" if rule == "last" else "model_checkpoint"
+    callback = callbacks.get(name)
+    path = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+    if not path:
+        raise RuntimeError(f"test_checkpoint={rule} needs the checkpoint written by callbacks.{name}, but none was "
+                           "written (was the callback set to null, or did no epoch finish?).")
+    return Path(path)
+
+
+def _check_checkpoint_callbacks(cfg: DictConfig) -> None:
+    """Fail before training when the tested checkpoint could never be written."""
+    rule = check_test_checkpoint(cfg.get("test_checkpoint", "last"))
+    if not cfg.get("test"):
+        return
+    name = "last_checkpoint" if rule == "last" else "model_checkpoint"
+    if (cfg.get("callbacks") or {}).get(name) is None:
+        raise ValueError(f"test_checkpoint={rule} tests the file of callbacks.{name}, which is null; restore it "
+                         f"(remove callbacks.{name}=null) or set test=false.")
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """Epoch, global step and the validation metrics stored in a checkpoint (see ``TrustModule.on_save_checkpoint``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"epoch": int(state["epoch"]), "step": int(state["global_step"]),
+            "val_metrics": dict(state.get("val_metrics") or {})}
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list[pl.loggers.Logger]:
     loggers: list[pl.loggers.Logger] = []
     if cfg.logger.get("csv"):
@@ -154,9 +213,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit and test one configuration; write checkpoints, ``metrics.json`` and ``saliency_grid.png``
     into ``cfg.paths.output_dir``.
 
+    The tested checkpoint is ``test_checkpoint`` (``last``: the end of the last epoch; ``best``: the best
+    validation ``optimized_metric``); ``run.json`` records which file, epoch and step it was.
+
     Returns:
-        The final metrics (test metrics, plus the best validation value of ``optimized_metric``) and
-        the objects made (datamodule, module, trainer).
+        The final metrics (test metrics; the validation metrics, ``tested_epoch`` and ``tested_step`` of
+        the tested checkpoint; ``best_<optimized_metric>``) and the objects made (datamodule, module,
+        trainer, callbacks by name).
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -190,31 +253,45 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
                          "use data=decoy_digits or data=oxford_pet, or loss=trust.")
     if cfg.model.get("pretrain"):
         pre = cfg.model.pretrain
+        # "order": the training data's order is a function of (seed, epoch) since resumable runs
+        # (EpochShuffleSampler); weights cached before that came from another order and are not reused.
         spec = {"model": OmegaConf.to_container(cfg.model, resolve=True), "data": OmegaConf.to_container(cfg.data, resolve=True),
-                "seed": cfg.seed}
+                "seed": cfg.seed, "order": "epoch_shuffle"}
         for key in ("num_workers", "root"):  # cannot change the weights; everything else can
             spec["data"].pop(key, None)
         spec["model"]["pretrain"].pop("cache_dir", None)
-        ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)
+        pretrained = ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)
+    else:
+        pretrained = None
     module = build_module(cfg, model, loss, datamodule)
+    _check_checkpoint_callbacks(cfg)
 
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch:02d}", monitor=cfg.optimized_metric,
-                                 mode="max", save_top_k=1, save_last=True)
     loggers = build_loggers(cfg, output_dir)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
-    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "checkpoint": checkpoint}
+    callbacks = build_callbacks(cfg, with_logger=bool(loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=list(callbacks.values()))
+    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
+               "pretrained": pretrained}
     failed = True
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with warnings.catch_warnings():
+            # Frozen modules are in eval mode on purpose (their BatchNorm statistics and dropout stay
+            # fixed; see TrustModule.train); Lightning warns about any eval-mode module at fit start.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics: dict[str, float] = {}
-        best = checkpoint.best_model_score
-        if best is not None:
-            metrics[f"best_{cfg.optimized_metric}"] = float(best)
+        best = callbacks.get("model_checkpoint")
+        if isinstance(best, ModelCheckpoint) and best.best_model_score is not None:
+            metrics[f"best_{cfg.optimized_metric}"] = float(best.best_model_score)
         if cfg.get("test"):
-            ckpt = "best" if checkpoint.best_model_path else None
-            for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+            tested = tested_checkpoint_path(cfg, callbacks)
+            summary = checkpoint_summary(tested)
+            # The validation metrics of the tested model: what sweepers optimize and the report ranks by.
+            metrics.update(summary["val_metrics"])
+            metrics.update(tested_epoch=float(summary["epoch"]), tested_step=float(summary["step"]))
+            for result in trainer.test(module, datamodule=datamodule, ckpt_path=str(tested), verbose=False):
                 metrics.update({k: float(v) for k, v in result.items()
                                 if k.split("/", 1)[-1] in FINAL_METRICS})
+            write_run_record(cfg, output_dir, tested, summary)
             save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n")
@@ -222,6 +299,23 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     finally:
         finish_loggers(loggers, failed)
     return metrics, objects
+
+
+def write_run_record(cfg: DictConfig, output_dir: Path, tested: Path, summary: dict[str, Any]) -> Path:
+    """``run.json``: which checkpoint was tested (``evaluate`` and ``report`` load the same one)."""
+    monitor_cfg = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    record = {
+        "test_checkpoint": cfg.get("test_checkpoint", "last"),
+        "tested_checkpoint": str(tested.resolve().relative_to(output_dir.resolve()))
+        if tested.resolve().is_relative_to(output_dir.resolve()) else str(tested.resolve()),
+        "tested_epoch": summary["epoch"],
+        "tested_step": summary["step"],
+        "optimized_metric": cfg.optimized_metric,
+        "optimized_mode": metric_mode(cfg.optimized_metric, monitor_cfg.get("mode")),
+    }
+    path = output_dir / RUN_RECORD
+    path.write_text(json.dumps(record, indent=2))
+    return path
 
 
 def save_test_grid(module: TrustModule, datamodule: pl.LightningDataModule, path: Path, n: int) -> Path:
@@ -259,7 +353,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         log.error("Job %s failed: %s: %s (details in %s/error.json)", HydraConfig.get().job.num,
                   type(err).__name__, err, cfg.paths.output_dir)
         return math.nan
-    return metrics.get(f"best_{cfg.optimized_metric}", math.nan)
+    # The tested model's validation value (not the best epoch's), so a sweeper ranks what is published.
+    return metrics.get(cfg.optimized_metric, math.nan)
 
 
 def main() -> None:

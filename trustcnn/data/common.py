@@ -24,10 +24,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from trustcnn.callbacks import epoch_seed
 from trustcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
@@ -333,6 +334,28 @@ def stratified_subsample(
 # --------------------------------------------------------------------------------------------------
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A random order of ``n`` indices that is a function of ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every training epoch. A ``DataLoader`` generator would instead
+    restart from its seed whenever the loader is rebuilt, so a run resumed from a checkpoint would replay
+    epoch 0's order; with this sampler epoch ``e`` has the same order in a resumed and an uninterrupted run.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class ImageListDataset(Dataset):
     """Images read from files, ``(image, label, mask)`` items, robust to files that fail late.
 
@@ -433,15 +456,17 @@ class BaseDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            generator=generator,
+            # Making an iterator draws the workers' base seed from this generator, not from the global RNG:
+            # Lightning makes the first epoch's iterator before `on_train_epoch_start` and later ones after
+            # it, so a draw from the global RNG would shift a resumed run's dropout masks (see EpochSeed).
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,11 +1,11 @@
 """Freezing: which parameters train, and keeping frozen normalization statistics frozen.
 
-"Frozen" in trustcnn means frozen *parameters* (``requires_grad=False``) **and** frozen running
-statistics: a BatchNorm outside the trainable modules must stay in eval mode, otherwise a forward pass
-in train mode would both normalize with batch statistics (changing the function the frozen network
-computes) and overwrite its ImageNet running mean/var. ``nn.Module.train()`` switches every sub-module
-to train mode, so :func:`set_frozen_batchnorm_eval` must be called after *every* ``net.train()``
-(in Lightning: in ``on_train_epoch_start`` / an overridden ``train()``, since validation toggles modes).
+"Frozen" in trustcnn means frozen *parameters* (``requires_grad=False``) **and** a frozen function: every
+module outside the trainable ones stays in eval mode, otherwise a forward pass in train mode would
+normalize with batch statistics (changing the function the frozen network computes), overwrite its
+ImageNet running mean/var, and draw dropout masks in front of the trained layer.
+:func:`set_trainable_mode` puts the trainable modules (and only them) in train mode;
+``TrustModule.train`` calls it on every mode change.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.dropout import _DropoutNd
 
 from trustcnn.saliency.capture import get_module
 
@@ -62,32 +60,17 @@ def freeze_except(net: nn.Module, trainable: list[str]) -> list[str]:
     return names
 
 
-def set_frozen_batchnorm_eval(net: nn.Module, trainable: list[str], *, dropout: bool = False) -> list[str]:
-    """Put every normalization layer with running statistics outside ``trainable`` in eval mode.
-
-    Covers every ``_NormBase`` subclass (all BatchNorm variants, ``SyncBatchNorm``, and InstanceNorm with
-    ``track_running_stats``); BatchNorms *inside* a trainable module keep the mode ``net`` is in (they
-    train normally). Call it after every ``net.train()``; calling it in eval mode is harmless.
-
-    Args:
-        net: the model, modified in place.
-        trainable: dotted module names that train (as given to :func:`freeze_except`).
-        dropout: also put Dropout layers outside ``trainable`` in eval mode (off by default: dropout
-            in front of a trained layer is regularization; set it when frozen dropout should not
-            perturb the frozen function).
+def set_trainable_mode(net: nn.Module, trainable: list[str], training: bool = True) -> list[str]:
+    """Training mode for the modules named in ``trainable`` (and everything inside them), eval mode for
+    every other module of ``net``; ``training=False`` puts all of ``net`` in eval mode.
 
     Returns:
-        The names of the modules switched to eval mode.
+        The names of the modules left in training mode.
     """
-    if isinstance(trainable, str):
-        trainable = [trainable]
-    roots = list(trainable or [])
-    for name in roots:
-        get_module(net, name)  # validate, with close matches on a typo
-    switched = []
-    kinds: tuple[type, ...] = (_NormBase, _DropoutNd) if dropout else (_NormBase,)
-    for name, m in net.named_modules():
-        if isinstance(m, kinds) and not _inside(name, roots):
-            m.eval()
-            switched.append(name)
-    return switched
+    roots = [trainable] if isinstance(trainable, str) else list(trainable or [])
+    modules = [get_module(net, name) for name in roots]  # validates, with close matches on a typo
+    net.train(False)
+    if training:
+        for m in modules:
+            m.train(True)
+    return [name for name, m in net.named_modules() if m.training]

@@ -6,9 +6,9 @@ Every builder is a plain function for Hydra (``_target_`` + config kwargs; the c
 * its weights in place (torchvision enum via the hub cache / a download, or a local ``weights_path``;
   see :mod:`trustcnn.models.weights`),
 * every parameter outside ``trainable`` frozen (:func:`~trustcnn.models.freeze.freeze_except`),
-* eval mode. For training call ``net.train()`` and then
-  :func:`~trustcnn.models.freeze.set_frozen_batchnorm_eval` ``(net, built.trainable)``, after every
-  ``train()``, so frozen BatchNorms keep their running statistics.
+* eval mode. For training call :func:`~trustcnn.models.freeze.set_trainable_mode`
+  ``(net, built.trainable)`` instead of ``net.train()``: only the trainable modules switch to training
+  mode, so frozen BatchNorms keep their running statistics (``TrustModule`` does this itself).
 
 ``BuiltModel.input_size``, ``mean`` and ``std`` come from the weights' torchvision preset (224 px,
 ImageNet normalization for the paper's models). ``BuiltModel.extra`` records the architecture, weights,
@@ -155,7 +155,7 @@ def mobilenet_v2_transfer(
           defined (non-negative feature maps A^k; then Grad-CAM is exactly CAM for this
           conv → GAP → linear head). ``target_layer="new_conv.conv"`` gives the pre-ReLU output instead.
         * Only ``new_conv`` and ``classifier`` train (default ``trainable``); the backbone's BatchNorms
-          are frozen, statistics included (call ``set_frozen_batchnorm_eval`` after ``train()``).
+          are frozen, statistics included (train with ``set_trainable_mode``).
         * The new layers use PyTorch's default initialization.
 
     Args:

@@ -1,0 +1,76 @@
+"""Lightning callbacks of trustcnn's own (the rest come from Lightning, built from ``conf/callbacks``)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed for ``epoch`` of a run seeded with ``seed``; distinct pairs give unrelated streams
+    (``seed + epoch`` would make run 1's epoch 0 replay run 0's epoch 1)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+class EpochSeed(pl.Callback):
+    """Re-seed Python, NumPy and torch (CPU and CUDA) at the start of every training epoch.
+
+    Lightning restores weights, optimizer, loops and callbacks from a checkpoint, but not the random
+    number generators, so a run resumed from ``last.ckpt`` would shuffle its data and draw its dropout
+    masks differently from a run that never stopped. Seeding each epoch from ``(seed, epoch)`` makes
+    epoch ``e`` of both identical. The training data's order is a function of ``(seed, epoch)`` by itself
+    (``EpochShuffleSampler``). Exact with ``num_workers=0``; with worker processes, random augmentations
+    drawn inside the workers follow the workers' own seeds, which a resumed run does not replay.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        s = epoch_seed(self.seed, trainer.current_epoch)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)  # also seeds every CUDA device
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, resumable into a new run directory.
+
+    A resumed run writes into its own Hydra directory. Lightning then reloads only ``best_model_path``
+    (the warning "The dirpath has changed ..."), so the resumed run's "best" would be the best of the
+    epochs after the resume, and the best epoch before it would be lost to ``test_checkpoint=best``.
+    Here the kept top-k files are copied into the new directory and their scores restored, so resuming
+    gives the same best checkpoint as a run that never stopped.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old_dir = state_dict.get("dirpath", self.dirpath)
+        if self.dirpath is None or old_dir == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        if self.monitor is None:  # the latest-epoch file: nothing to carry over, the next save writes it here
+            super().load_state_dict({**state_dict, "dirpath": self.dirpath, "best_model_path": "", "best_k_models": {},
+                                     "kth_best_model_path": "", "last_model_path": ""})
+            return
+        moved: dict[str, str] = {}
+        for old_path in state_dict.get("best_k_models") or {}:
+            if Path(old_path).is_file():
+                new_path = Path(self.dirpath) / Path(old_path).name
+                new_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(old_path, new_path)
+                moved[old_path] = str(new_path)
+        if not moved:  # the old files are gone: Lightning's own behaviour (rank afresh, with its warning)
+            super().load_state_dict(state_dict)
+            return
+        # Lightning's own reload, as if the checkpoint had been written in this directory.
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath,
+                                 "best_k_models": {moved[p]: s for p, s in state_dict["best_k_models"].items() if p in moved},
+                                 "best_model_path": moved.get(state_dict.get("best_model_path"), ""),
+                                 "kth_best_model_path": moved.get(state_dict.get("kth_best_model_path"), ""),
+                                 "last_model_path": ""})
