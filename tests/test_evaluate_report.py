@@ -304,6 +304,10 @@ def test_report_markdown_tables_and_failed_jobs(report: dict) -> None:
     assert f"best: job {best.num}" in table3
     evaluation = md.split("## Evaluation of the best job against the baseline")[1]
     assert "### SSIM vs. baseline" in evaluation and "### Model-randomization sanity check" in evaluation
+    ref = md.split("## Reference levels")[1].split("\n## ")[0]
+    assert "1/10 = 0.100" in ref and "`test/energy_pointing_game_uniform`" in ref  # K from the real data module
+    paired = md.split("## Paired differences vs. cross-entropy")[1].split("\n## ")[0]
+    assert "| trust × gradcam | none | 0.9 | 0.01 | 1 (0) | " in paired and "(1/1)" in paired  # one seed: vs. job 0
     failed = md.split("## Failed jobs")[1]
     assert "| 4 | `optim.lr=0.001 loss.lam=1.5` | ValueError: loss.lam must lie in [0, 1]" in failed
     assert (report["files"]["evaluation"] / "evaluation.json").exists()

@@ -8,14 +8,18 @@ job 4, test/acc argmax = job 2.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
 
-from trustcnn.report import collect_sweep, is_test_metric, pick_baseline, pick_best, selection_value, write_report
+from trustcnn.report import collect_sweep, is_test_metric, pair_with_baseline, paired_differences, pick_baseline
+from trustcnn.report import pick_best, selection_value, write_report
 from trustcnn.report import main as report_main
 
 # num -> (loss, lr, λ, metrics). Job 0 is the loss=ce baseline.
@@ -200,3 +204,180 @@ def test_a_sweep_of_failed_jobs_still_gets_a_report(tmp_path: Path) -> None:
     result = report(sweep)
     assert result["best"] is None and result["metric"] == "val/acc"
     assert "ValueError: loss.lam must lie in [0, 1]" in result["markdown"]
+
+
+# ------------------------------------------------------------------- paired differences and reference levels
+
+# (loss, saliency) -> per-seed values for seeds 0, 1, 2: (test/acc, test/energy_pointing_game,
+# test/decoy_following_rate). Cross-entropy is much worse under guided_gradcam, so pairing a job with the ce
+# job of the other method, or of another seed, gives other numbers.
+STUDY: dict[tuple[str, str], list[tuple[float, float, float]]] = {
+    ("ce", "gradcam"): [(0.80, 0.40, 0.60), (0.70, 0.45, 0.50), (0.95, 0.50, 0.70)],
+    ("ce", "guided_gradcam"): [(0.60, 0.30, 0.40), (0.65, 0.20, 0.45), (0.50, 0.25, 0.35)],
+    ("trust", "gradcam"): [(0.86, 0.55, 0.30), (0.78, 0.50, 0.55), (0.96, 0.58, 0.20)],
+    ("trust", "guided_gradcam"): [(0.70, 0.35, 0.20), (0.60, 0.40, 0.25), (0.65, 0.28, 0.30)],
+}
+UNIFORM_EPG = {0: 0.30, 1: 0.32, 2: 0.34, 3: 0.40}  # a property of each seed's test set
+CONFLICTS = {0: 36.0, 1: 40.0, 2: 38.0, 3: 35.0}
+# The real data module, so num_classes is read as the report reads it (one data config: built once).
+DATA = {"_target_": "trustcnn.data.DecoyDigitsDataModule", "seed": 0}
+
+
+def write_study_job(sweep: Path, num: int, loss: str, saliency: str, seed: int, metrics: dict[str, float] | None,
+                    lr: float = 0.01, data: dict[str, Any] | None = None, error: str | None = None) -> Path:
+    """A job of `python -m trustcnn.train -m loss=ce,trust saliency=gradcam,guided_gradcam seed=...`."""
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    loss_cfg: dict[str, Any] = {"name": loss} if loss == "ce" else {"name": loss, "lam": 0.5, "form": "paper"}
+    cfg: dict[str, Any] = {"seed": seed, "loss": loss_cfg, "optim": {"lr": lr}, "saliency": {"method": saliency},
+                           "optimized_metric": "val/acc",
+                           "callbacks": {"model_checkpoint": {"monitor": "val/acc", "mode": "max"}}}
+    if loss != "ce":
+        cfg["ablation"] = {"name": "none"}
+    if data is not None:
+        cfg["data"] = data
+    (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    overrides = [f"loss={loss}", f"saliency={saliency}", f"seed={seed}", f"optim.lr={lr}"]
+    (job / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "tested_epoch": 9.0, **metrics}))
+    if error is not None:
+        (job / "error.json").write_text(json.dumps({"error": error}))
+    return job
+
+
+def make_study(root: Path) -> Path:
+    """Jobs 0-11: {ce, trust} × {gradcam, guided_gradcam} × seeds; the ce × gradcam jobs 0, 1, 2 have seeds 2, 0, 1
+    (pairing by position would be wrong). Job 12: trust × gradcam, seed 3, whose ce job 13 failed: unpaired.
+    Only the gradcam jobs have test_consistent/acc; no job has test/pointing_game."""
+    sweep = root / "study"
+    num = 0
+    for (loss, saliency), values in STUDY.items():
+        seeds = [2, 0, 1] if (loss, saliency) == ("ce", "gradcam") else [0, 1, 2]
+        for seed in seeds:
+            acc, epg, follow = values[seed]
+            m = {"test/acc": acc, "test/energy_pointing_game": epg, "test/decoy_following_rate": follow,
+                 "test/energy_pointing_game_uniform": UNIFORM_EPG[seed], "test/decoy_conflicts": CONFLICTS[seed],
+                 "val/acc": 0.5 + acc / 10}
+            if saliency == "gradcam":
+                m["test_consistent/acc"] = 0.9 + seed / 100 + (0.02 if loss == "trust" else 0.0)
+            write_study_job(sweep, num, loss, saliency, seed, m, data=DATA)
+            num += 1
+    write_study_job(sweep, 12, "trust", "gradcam", 3, {"test/acc": 0.99, "test/energy_pointing_game": 0.9,
+                                                       "test/energy_pointing_game_uniform": UNIFORM_EPG[3],
+                                                       "test/decoy_following_rate": 0.0,
+                                                       "test/decoy_conflicts": CONFLICTS[3]}, data=DATA)
+    write_study_job(sweep, 13, "ce", "gradcam", 3, None, data=DATA, error="RuntimeError: CUDA out of memory")
+    return sweep
+
+
+def t_interval(d: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval, computed here independently of trustcnn.metrics.stats."""
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = scipy_stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def test_paired_differences_pair_by_seed_and_saliency_method(tmp_path: Path) -> None:
+    jobs = collect_sweep(make_study(tmp_path))
+    rows = {(r["model"], r["metric"]): r for r in paired_differences(jobs)}
+    assert {m for _, m in rows} == {"test/acc", "test/energy_pointing_game", "test/decoy_following_rate",
+                                    "test_consistent/acc"}  # no test/pointing_game in any job
+    assert {model for model, _ in rows} == {"trust × gradcam", "trust × guided_gradcam"}  # ce is the reference
+    cases = {  # per seed 0, 1, 2: trust − ce of the same seed and method
+        ("trust × gradcam", "test/acc"): ([0.06, 0.08, 0.01], 3),
+        ("trust × gradcam", "test/decoy_following_rate"): ([-0.30, 0.05, -0.50], 2),
+        ("trust × guided_gradcam", "test/acc"): ([0.10, -0.05, 0.15], 2),
+        ("trust × guided_gradcam", "test/energy_pointing_game"): ([0.05, 0.20, 0.03], 3),
+    }
+    for key, (d, same_sign) in cases.items():
+        r = rows[key]
+        mean, low, high = t_interval(d)
+        assert r["differences"] == pytest.approx(d), key
+        assert (r["mean"], r["ci_low"], r["ci_high"]) == pytest.approx((mean, low, high)), key
+        assert (r["n"], r["same_sign"], r["seeds"]) == (3, same_sign, [0, 1, 2]), key
+    assert rows[("trust × gradcam", "test/acc")]["jobs"] == [(6, 1), (7, 2), (8, 0)]  # ce seeds are 2, 0, 1
+    assert rows[("trust × gradcam", "test/acc")]["mean"] == pytest.approx(0.05)
+    # Paired across methods (trust × gradcam − ce × guided_gradcam) it would be +0.283; by position, +0.067.
+    assert rows[("trust × guided_gradcam", "test/acc")]["mean"] == pytest.approx(0.2 / 3)
+    assert ("trust × guided_gradcam", "test_consistent/acc") not in rows  # only when both jobs have it
+    (unpaired,) = pair_with_baseline(jobs).unpaired
+    assert unpaired[0].num == 12 and unpaired[1] == "no finished loss=ce job with seed=3, saliency=gradcam"
+
+
+def test_report_has_the_paired_table_csv_reference_levels_and_prints_them(tmp_path: Path, capsys) -> None:
+    sweep = make_study(tmp_path)
+    report_main([str(sweep), "--no-grid"])
+    out = capsys.readouterr().out
+    md = (sweep / "report.md").read_text()
+    paired = md.split("## Paired differences vs. cross-entropy (same seed, same saliency method)")[1].split("\n## ")[0]
+    assert "| model | ablation | pairs (seeds) | test/acc | test/energy_pointing_game | test/decoy_following_rate " \
+           "| test_consistent/acc |" in paired
+    mean, low, high = t_interval([0.06, 0.08, 0.01])
+    assert f"| trust × gradcam | none | 3 (0, 1, 2) | {mean:+.3f} [{low:+.3f}, {high:+.3f}] (3/3) |" in paired
+    mean, low, high = t_interval([0.10, -0.05, 0.15])
+    assert f"| trust × guided_gradcam | none | 3 (0, 1, 2) | {mean:+.3f} [{low:+.3f}, {high:+.3f}] (2/3) |" in paired
+    assert paired.count("| — |") == 1  # guided_gradcam jobs have no test_consistent/acc
+    assert "Not paired: job 12 (no finished loss=ce job with seed=3, saliency=gradcam)." in paired
+    # stdout ends with the report's path and the same table.
+    tail = out.rsplit("\nReport: ", 1)[1]
+    assert tail.startswith(str(sweep / "report.md")) and paired.strip() in tail
+
+    rows = list(csv.DictReader((sweep / "paired_differences.csv").open()))
+    row = next(r for r in rows if r["model"] == "trust × gradcam" and r["metric"] == "test/acc")
+    assert (row["pairs"], row["same_sign"], row["seeds"], row["jobs"]) == ("3", "3", "0 1 2", "6-1 7-2 8-0")
+    assert float(row["mean_difference"]) == pytest.approx(0.05)
+    assert float(row["ci_low"]) == pytest.approx(t_interval([0.06, 0.08, 0.01])[1])
+    assert len(rows) == 7  # 4 metrics for gradcam, 3 for guided_gradcam
+
+    ref = md.split("## Reference levels")[1].split("\n## ")[0]
+    uniform = [UNIFORM_EPG[s] for s in (0, 1, 2) for _ in range(4)] + [UNIFORM_EPG[3]]  # 13 finished jobs
+    assert (f"Energy pointing game of a uniform map (`test/energy_pointing_game_uniform`, the mean mask-area fraction "
+            f"of the test images): {sum(uniform) / 13:.3f} (range 0.300–0.400 over 13 jobs;") in ref
+    assert "Accuracy by chance: 1/10 = 0.100 for a uniformly random prediction (K = 10 classes" in ref
+    assert "picks the decoy's class with probability 1/10 = 0.100" in ref
+    conflicts = [CONFLICTS[s] for s in (0, 1, 2) for _ in range(4)] + [CONFLICTS[3]]
+    mean_conflicts = sum(conflicts) / 13
+    assert f"(`test/decoy_conflicts`: {mean_conflicts:.1f} (range 35.0–40.0 over 13 jobs; differs by seed))" in ref
+    local = md.split("## Test-time localization and decoy reliance")[1].split("\n## ")[0]
+    assert "| test/energy_pointing_game | test/energy_pointing_game_uniform | test/decoy_following_rate |" in local
+
+
+def test_pairing_matches_the_settings_the_ce_jobs_vary(tmp_path: Path) -> None:
+    """ce jobs at two lrs: a trust job pairs with the ce job of its lr; one at an lr no ce job has is unpaired.
+    ce jobs at one lr while the trust jobs sweep lr: every trust job pairs with the ce job of its seed."""
+    sweep = tmp_path / "lr"
+    specs = [("ce", 0.01, 0, 0.50), ("ce", 0.1, 0, 0.90), ("ce", 0.01, 1, 0.55), ("ce", 0.1, 1, 0.80),
+             ("trust", 0.01, 0, 0.60), ("trust", 0.1, 0, 0.70), ("trust", 0.01, 1, 0.65), ("trust", 0.1, 1, 0.85),
+             ("trust", 0.001, 0, 0.99)]  # (loss, lr, seed, test/acc)
+    for num, (loss, lr, seed, acc) in enumerate(specs):
+        write_study_job(sweep, num, loss, "gradcam", seed, {"test/acc": acc}, lr=lr)
+    pairing = pair_with_baseline(collect_sweep(sweep))
+    assert pairing.matched_on == ["seed", "saliency", "lr"]
+    assert sorted((j.num, c.num) for pairs in pairing.pairs.values() for j, c in pairs) == [(4, 0), (5, 1), (6, 2),
+                                                                                           (7, 3)]
+    assert [(j.num, why) for j, why in pairing.unpaired] == [(8, "no finished loss=ce job with seed=0, "
+                                                                 "saliency=gradcam, lr=0.001")]
+    rows = {r["settings"]["lr"]: r for r in paired_differences(collect_sweep(sweep), ["test/acc"])}
+    assert rows["0.01"]["differences"] == pytest.approx([0.10, 0.10]) and rows["0.1"]["mean"] == pytest.approx(-0.075)
+
+    one = tmp_path / "one_ce_lr"
+    for num, (loss, lr, seed, acc) in enumerate([("ce", 0.01, 0, 0.50), ("ce", 0.01, 1, 0.55), ("trust", 0.01, 0, 0.60),
+                                                 ("trust", 0.1, 0, 0.70), ("trust", 0.1, 1, 0.75)]):
+        write_study_job(one, num, loss, "gradcam", seed, {"test/acc": acc}, lr=lr)
+    pairing = pair_with_baseline(collect_sweep(one))
+    assert pairing.matched_on == ["seed", "saliency"] and not pairing.unpaired
+    assert sorted((j.num, c.num) for pairs in pairing.pairs.values() for j, c in pairs) == [(2, 0), (3, 0), (4, 1)]
+    (single,) = [r for r in paired_differences(collect_sweep(one)) if r["n"] == 1]
+    assert single["settings"]["lr"] == "0.01" and math.isnan(single["ci_low"])  # one pair: no interval
+
+
+def test_without_a_ce_job_nothing_is_paired_and_chance_is_not_guessed(tmp_path: Path) -> None:
+    result = report(make_sweep(tmp_path))  # configs without a data section
+    ref = result["markdown"].split("## Reference levels")[1].split("\n## ")[0]
+    assert "Accuracy by chance: not stated: the number of classes could not be read" in ref
+    sweep = tmp_path / "trust_only"
+    write_study_job(sweep, 0, "trust", "gradcam", 0, {"test/acc": 0.7})
+    md = report(sweep)["markdown"]
+    assert "No finished `loss=ce` job: nothing to pair with." in md

@@ -307,3 +307,29 @@ def test_real_training_step_gradient_equals_the_reference(make_cfg, method: str,
     scale = max(g.abs().max() for g in expected.values())
     for wrong in (reference_grads(detach_maps=True), reference_grads(target="label")):
         assert max((wrong[n] - expected[n]).abs().max() for n in expected) > 1e-6 * scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference levels the published numbers are read against
+
+
+def test_decoy_following_rate_and_uniform_map_reference(make_cfg) -> None:
+    cfg = make_cfg()
+    metrics, objects = train(cfg)
+    datamodule, module = objects["datamodule"], objects["module"]
+    test = datamodule.splits["test"]
+    n = cfg.trainer.limit_test_batches * cfg.data.batch_size
+    # the decoy's class, read back from its shade (class y has shade number y)
+    shades = torch.from_numpy(datamodule.shades)
+    decoy = torch.tensor([int(torch.argmin((shades - s).abs())) for s in test["shades"][:n]])
+    labels = test["labels"][:n]
+    x = datamodule.test_sets[0].images[:n]
+    with torch.no_grad():
+        predictions = module.eval()(x).argmax(1)  # the module holds the tested (last) checkpoint's weights
+    conflict = decoy != labels
+    assert 0 < conflict.sum() < n
+    assert metrics["test/decoy_following_rate"] == pytest.approx(float((predictions[conflict] == decoy[conflict]).double().mean()))
+    assert metrics["test/decoy_conflicts"] == conflict.sum()
+    assert "test_consistent/decoy_following_rate" not in metrics  # the decoy never disagrees with the label there
+    masks = test["masks"][:n].flatten(1).double()
+    assert metrics["test/energy_pointing_game_uniform"] == pytest.approx(float(masks.mean(1).mean()), rel=1e-5)

@@ -80,6 +80,12 @@ class TrustModule(pl.LightningModule):
             f"{s}_metrics": MetricCollection({"pointing_game": PointingGame(tolerance=pointing_tolerance), "energy_pointing_game": EnergyPointingGame()})
             for s in stages[1:]
         }) if has_masks else None
+        # The reference level of a trivial map: the energy pointing game of a uniform map is the share of
+        # each image the mask covers, so a map "beats chance" only above this value.
+        self.uniform_map_metrics = nn.ModuleDict({f"{s}_metrics": EnergyPointingGame()
+                                                  for s in self.test_set_names}) if has_masks else None
+        # Predicted classes per test set, in loader order (for the data's own prediction metrics).
+        self.test_predictions: dict[str, list[torch.Tensor]] = {}
         # The paper's Table 3, automated on the test sets when masks exist.
         self.case_tables = nn.ModuleDict({f"{s}_metrics": CaseTable() for s in self.test_set_names}) if has_masks else None
         self.train()
@@ -151,8 +157,13 @@ class TrustModule(pl.LightningModule):
             mm = self.map_metrics[f"{stage}_metrics"]
             mm.update(maps, masks)
             self.log_dict({f"{stage}/{k}": m for k, m in mm.items()}, on_step=False, **log_kw)
-            if self.case_tables is not None and stage in self.test_set_names:
+            if stage in self.test_set_names:
                 self.case_tables[f"{stage}_metrics"].update(logits.argmax(dim=1), y, maps, masks)
+                uniform = self.uniform_map_metrics[f"{stage}_metrics"]
+                uniform.update(torch.ones_like(maps), masks)
+                self.log(f"{stage}/energy_pointing_game_uniform", uniform, on_step=False, **log_kw)
+        if stage in self.test_set_names:
+            self.test_predictions.setdefault(stage, []).append(logits.detach().argmax(dim=1).cpu())
         return terms
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -165,6 +176,9 @@ class TrustModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._stage_step(batch, self.test_set_names[dataloader_idx])
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = {}
 
     def on_test_epoch_end(self) -> None:
         if self.case_tables is None:

@@ -7,8 +7,11 @@
 * ``report.md``: Table 1 (accuracy / precision / recall per model = loss × saliency, and ablation; mean ± std
   over seeds), Table 2 (the same with 95% CIs), Table 3 (the case table of the best job and the baseline:
   from their ``metrics.json``, else — with ``--evaluate`` — computed by :mod:`trustcnn.evaluate`),
-  test-time localization metrics, the list of every job and a **Failed jobs** section. ``--evaluate`` also
+  the reference levels (a uniform map's energy pointing game, chance accuracy and decoy-following rate),
+  test-time localization metrics, the paired per-seed differences of every model against cross-entropy (see
+  :func:`paired_differences`), the list of every job and a **Failed jobs** section. ``--evaluate`` also
   runs the full evaluation of the best job against the baseline (``<out>/evaluation/``) and appends it;
+* ``paired_differences.csv``: those paired differences, one row per model and metric;
 * ``heatmap_<metric>.png``: the selection metric, and ``test/acc``, over the lr × λ grid (only when the sweep
   varies both; ``/`` in the name becomes ``_``);
 * ``saliency_best_vs_baseline.png``: maps of the best job next to the baseline's (``loss=ce``) job.
@@ -65,7 +68,12 @@ KEY_CONFIG: dict[str, str] = {
 # Override keys already described by KEY_CONFIG (config-group choices and the keys themselves).
 _COVERED_OVERRIDES = {"loss", "ablation", "saliency", "seed", *KEY_CONFIG.values()}
 CLASSIFICATION = ("test/acc", "test/precision", "test/recall")
-LOCALIZATION = ("test/pointing_game", "test/energy_pointing_game", "test/s_hat", "test_consistent/acc")
+# The uniform map's energy pointing game sits next to the methods' (the level a trivial map reaches).
+LOCALIZATION = ("test/pointing_game", "test/energy_pointing_game", "test/energy_pointing_game_uniform", "test/s_hat",
+                "test/decoy_following_rate", "test_consistent/acc")
+#: Metrics compared as paired per-seed differences against the loss=ce job (each only when present).
+PAIRED = ("test/acc", "test/energy_pointing_game", "test/pointing_game", "test/decoy_following_rate",
+          "test_consistent/acc")
 _JOB_MARKERS = ("metrics.json", "error.json", "config.yaml", ".hydra/overrides.yaml")
 _SKIP_DIRS = {".hydra", "checkpoints", "csv", "wandb", "evaluation"}
 
@@ -245,8 +253,28 @@ def tested_image_count(cfg: DictConfig | None) -> int | None:
     return min(n, int(batches * float(limit)) * batch)
 
 
+def data_num_classes(cfg: DictConfig | None) -> int | None:
+    """Classes of a run's data: the ``num_classes`` its datamodule sets when built from ``cfg.data``.
+
+    The data configs do not spell it out (each datamodule fixes it in ``__init__``, which reads no data).
+    ``None`` when the config has no ``data`` section or the datamodule cannot be built here.
+    """
+    if cfg is None or "data" not in cfg:
+        return None
+    from hydra.utils import instantiate
+
+    try:
+        num = getattr(instantiate(cfg.data), "num_classes", None)
+    except Exception as err:  # noqa: BLE001 - the report goes on without chance levels
+        log.warning("cannot determine the number of classes (%s: %s)", type(err).__name__, err)
+        return None
+    return int(num) if num is not None else None
+
+
 def _attach_test_sizes(jobs: list[JobResult]) -> None:
+    """``job.test_size`` and ``job.extra["num_classes"]`` of the finished jobs (each data config looked up once)."""
     cache: dict[str, int | None] = {}
+    classes: dict[str, int | None] = {}
     for job in jobs:
         cfg = job.extra.get("cfg")
         if not job.ok or cfg is None:
@@ -255,6 +283,10 @@ def _attach_test_sizes(jobs: list[JobResult]) -> None:
         if key not in cache:
             cache[key] = tested_image_count(cfg)
         job.test_size = cache[key]
+        data_key = OmegaConf.to_yaml({"data": cfg.get("data")})
+        if data_key not in classes:
+            classes[data_key] = data_num_classes(cfg)
+        job.extra["num_classes"] = classes[data_key]
 
 
 def _fmt_value(v: Any) -> str:
@@ -540,6 +572,212 @@ def _case_table_lines(tables: dict[str, dict[str, float]]) -> list[str]:
     return lines + [""]
 
 
+# ------------------------------------------------------------------ paired differences vs. cross-entropy
+
+GroupKey = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class BaselinePairs:
+    """Each non-``ce`` job matched with its ``loss=ce`` job (see :func:`pair_with_baseline`).
+
+    Attributes:
+        pairs: group key (as :func:`group_jobs`) -> ``[(job, ce job), ...]``; groups with no pair are absent.
+        unpaired: ``(job, why)`` for every finished non-``ce`` job without a ``ce`` partner.
+        matched_on: the settings a pair shares: ``seed``, ``saliency``, and whatever the ``ce`` jobs vary.
+    """
+
+    pairs: dict[GroupKey, list[tuple[JobResult, JobResult]]]
+    unpaired: list[tuple[JobResult, str]]
+    matched_on: list[str]
+
+
+def _pairing_key(job: JobResult, cols: list[str], extra: list[str]) -> GroupKey:
+    items = [("seed", _fmt_value(job.config.get("seed"))), ("saliency", _fmt_value(job.config.get("saliency")))]
+    items += [(c, _fmt_value(_setting(job, c))) for c in cols]
+    return tuple(items + [(k, _fmt_value(job.overrides.get(k))) for k in extra])
+
+
+def pair_with_baseline(jobs: list[JobResult]) -> BaselinePairs:
+    """Pair every finished non-``ce`` job with the finished ``loss=ce`` job of the same seed and saliency method.
+
+    Same seed: the same data split, decoys and initialization, so the difference is the loss's effect without
+    the seed-to-seed variation of the test set. Same method: maps of different methods are not comparable.
+    A setting the finished ``ce`` jobs vary (e.g. ``optim.lr``) must match too; one they do not vary (λ, form,
+    ablation, or an lr only the trust jobs sweep) is not matched, so every such job pairs with the one ``ce``
+    job of its seed and method. A job with no ``ce`` partner, or several (duplicate runs), stays unpaired.
+    """
+    ce = [j for j in jobs if j.ok and j.config.get("loss") == "ce"]
+    cols, extra = varying_keys(ce)  # trust-only settings are None for ce jobs, so never among them
+    cols = [c for c in cols if c not in ("loss", "saliency")]
+    by_key: dict[GroupKey, list[JobResult]] = defaultdict(list)
+    for j in ce:
+        by_key[_pairing_key(j, cols, extra)].append(j)
+    pairs: dict[GroupKey, list[tuple[JobResult, JobResult]]] = {}
+    unpaired: list[tuple[JobResult, str]] = []
+    groups = group_jobs(jobs)
+    for key in sorted(groups):
+        if dict(key)["loss"] == "ce":
+            continue
+        for job in groups[key]:
+            match = _pairing_key(job, cols, extra)
+            where = ", ".join(f"{k}={v}" for k, v in match)
+            partners = by_key.get(match, [])
+            if job.config.get("seed") is None:
+                unpaired.append((job, "its seed is unknown (no config.yaml)"))
+            elif len(partners) == 1:
+                pairs.setdefault(key, []).append((job, partners[0]))
+            elif not partners:
+                unpaired.append((job, f"no finished loss=ce job with {where}"))
+            else:
+                unpaired.append((job, f"{len(partners)} finished loss=ce jobs ({_nums(partners)}) have {where}"))
+    return BaselinePairs(pairs, unpaired, ["seed", "saliency", *cols, *extra])
+
+
+def paired_differences(jobs: list[JobResult], metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Mean paired difference (job − its ``loss=ce`` job, see :func:`pair_with_baseline`) per group and metric.
+
+    Args:
+        jobs: the sweep's jobs (:func:`collect_sweep`).
+        metrics: metrics to compare (default: those of :data:`PAIRED` some finished job has). A pair counts
+            for a metric only when both jobs have a finite value of it.
+
+    Returns:
+        One dict per (non-``ce`` group with a pair, metric with a pair), groups in table order: ``group`` (the
+        :func:`group_jobs` key), ``model`` (loss × saliency), ``settings`` (the other group settings), ``metric``,
+        ``n`` (pairs), ``mean``, ``ci_low`` / ``ci_high`` (95% t-interval over the pairs,
+        ``mean ± t(0.975, n−1)·sd/√n`` by :func:`~trustcnn.metrics.stats.mean_estimate`; NaN with one pair),
+        ``same_sign`` (pairs whose difference has the sign of the mean), ``differences``, ``seeds`` and
+        ``jobs`` (``(job num, ce job num)`` per pair).
+    """
+    if metrics is None:
+        available = {k for j in jobs if j.ok for k in j.metrics}
+        metrics = [m for m in PAIRED if m in available]
+    pairing = pair_with_baseline(jobs)
+    rows: list[dict[str, Any]] = []
+    for key, pairs in sorted(pairing.pairs.items(), key=lambda kv: kv[0]):
+        model, cols, values = _model_cells(key)
+        for m in metrics:
+            used = [(j, c) for j, c in pairs
+                    if math.isfinite(j.metrics.get(m, math.nan)) and math.isfinite(c.metrics.get(m, math.nan))]
+            if not used:
+                continue
+            d = np.array([j.metrics[m] - c.metrics[m] for j, c in used], dtype=np.float64)
+            est = mean_estimate(d)
+            rows.append({
+                "group": key, "model": model, "settings": dict(zip(cols, values)), "metric": m, "n": est.n,
+                "mean": est.value, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                "same_sign": int(np.sum(np.sign(d) == np.sign(est.value))), "differences": d.tolist(),
+                "seeds": [j.config.get("seed") for j, _ in used], "jobs": [(j.num, c.num) for j, c in used],
+            })
+    return rows
+
+
+def _fmt_difference(row: dict[str, Any]) -> str:
+    """``+0.072 [+0.051, +0.093] (5/5)``: mean [95% CI] (pairs with the mean's sign / pairs)."""
+    ci = f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" if math.isfinite(row["ci_low"]) else ""
+    return f"{row['mean']:+.3f}{ci} ({row['same_sign']}/{row['n']})"
+
+
+def paired_difference_lines(jobs: list[JobResult], rows: list[dict[str, Any]] | None = None) -> list[str]:
+    """The report section "Paired differences vs. cross-entropy" (markdown lines), from :func:`paired_differences`."""
+    rows = paired_differences(jobs) if rows is None else rows
+    pairing = pair_with_baseline(jobs)
+    lines = ["## Paired differences vs. cross-entropy (same seed, same saliency method)", ""]
+    if not any(j.ok and j.config.get("loss") == "ce" for j in jobs):
+        return lines + ["No finished `loss=ce` job: nothing to pair with.", ""]
+    lines += [f"Each job minus the finished `loss=ce` job it shares {', '.join(f'`{k}`' for k in pairing.matched_on)} "
+              "with (same data split and initialization, so the seed-to-seed variation of the test set cancels). "
+              "Cell: mean difference [95% t-interval over the pairs, t(0.975, n−1)·sd/√n; none with one pair] "
+              "(pairs whose difference has the sign of the mean / pairs). A positive `test/decoy_following_rate` "
+              "difference means more shortcut use than cross-entropy.", ""]
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    if rows:
+        by_group: dict[GroupKey, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in rows:
+            by_group[r["group"]][r["metric"]] = r
+        _, setting_cols, _ = _model_cells(next(iter(by_group)))
+        header = ["model", *setting_cols, "pairs (seeds)", *metrics]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, cells in by_group.items():
+            model, _, values = _model_cells(key)
+            seeds = sorted({_fmt_value(j.config.get("seed")) for j, _ in pairing.pairs[key]})
+            lines.append("| " + " | ".join([model, *values, f"{len(pairing.pairs[key])} ({', '.join(seeds)})",
+                                            *[_fmt_difference(cells[m]) if m in cells else "—" for m in metrics]])
+                         + " |")
+        lines.append("")
+    else:
+        lines += ["No non-`ce` job has a `ce` partner with a value of " + ", ".join(f"`{m}`" for m in PAIRED) + ".",
+                  ""]
+    if pairing.unpaired:
+        lines += ["Not paired: " + "; ".join(f"job {j.num if j.num is not None else j.job} ({why})"
+                                             for j, why in pairing.unpaired) + ".", ""]
+    return lines
+
+
+def write_paired_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """``paired_differences.csv``: one row per group and metric of :func:`paired_differences`."""
+    setting_cols = list(dict.fromkeys(c for r in rows for c in r["settings"]))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", *setting_cols, "metric", "pairs", "mean_difference", "ci_low", "ci_high",
+                         "same_sign", "seeds", "jobs", "differences"])
+        for r in rows:
+            writer.writerow([r["model"], *[r["settings"].get(c, "") for c in setting_cols], r["metric"], r["n"],
+                             r["mean"], "" if math.isnan(r["ci_low"]) else r["ci_low"],
+                             "" if math.isnan(r["ci_high"]) else r["ci_high"], r["same_sign"],
+                             " ".join(_fmt_value(s) for s in r["seeds"]),
+                             " ".join(f"{a}-{b}" for a, b in r["jobs"]),  # job-ce job
+                             " ".join(f"{d:.6g}" for d in r["differences"])])
+    return path
+
+
+def _range_text(values: np.ndarray, what: str, fmt: str = ".3f") -> str:
+    if values.size == 1:
+        return f"{values[0]:{fmt}} (1 job)"
+    return (f"{values.mean():{fmt}} (range {values.min():{fmt}}–{values.max():{fmt}} over {values.size} jobs; "
+            f"{what})")
+
+
+def reference_level_lines(jobs: list[JobResult]) -> list[str]:
+    """The report section "Reference levels": what a trivial map or a random guess scores on the same data.
+
+    The number of classes ``K`` comes from ``job.extra["num_classes"]`` (set by the report from each job's data
+    config, see :func:`data_num_classes`); chance levels are left out, with the reason, when it is unknown.
+    """
+    ok = [j for j in jobs if j.ok]
+    available = sorted({k for j in ok for k in j.metrics})
+    lines = ["## Reference levels", "", "What a trivial map or a random guess scores on the same test images: read the "
+             "tables against these levels, not against 0.", ""]
+    for m in [k for k in available if k.endswith("/energy_pointing_game_uniform")]:
+        v = _values(ok, m)
+        lines.append(f"- Energy pointing game of a uniform map (`{m}`, the mean mask-area fraction of the test "
+                     f"images): {_range_text(v, 'a property of the test set, which differs by seed')}. A map's "
+                     f"`{m.removesuffix('_uniform')}` says something about localization only above it.")
+    ks = sorted({k for j in ok if (k := j.extra.get("num_classes")) is not None})
+    unknown = [j for j in ok if j.extra.get("num_classes") is None]
+    if ks:
+        chance = ", ".join(f"1/{k} = {1 / k:.3f}" for k in ks)
+        lines.append(f"- Accuracy by chance: {chance} for a uniformly random prediction (K = "
+                     f"{', '.join(map(str, ks))} classes, from the jobs' data module"
+                     + (f"; unknown for job(s) {_nums(unknown)}" if unknown else "") + ").")
+    else:
+        lines.append("- Accuracy by chance: not stated: the number of classes could not be read from the jobs' "
+                     "data config (`data._target_` in config.yaml).")
+    if "test/decoy_following_rate" in available:
+        conflicts = _values(ok, "test/decoy_conflicts")
+        over = (f" (`test/decoy_conflicts`: {_range_text(conflicts, 'differs by seed', '.1f')})" if conflicts.size
+                else "")
+        chance = (", ".join(f"1/{k} = {1 / k:.3f}" for k in ks) if ks else "1/K (K unknown here)")
+        lines.append("- Decoy-following rate (`test/decoy_following_rate`): among the test images whose decoy names "
+                     f"another class than the label{over}, the share predicted as the decoy's class. A uniformly "
+                     f"random prediction over all K classes picks the decoy's class with probability {chance}; a "
+                     "model that always predicts the label scores 0, one that reads only the decoy 1, and one that "
+                     "ignores the decoy but errs evenly over the other classes (1 − its accuracy on those images) / "
+                     "(K − 1).")
+    return lines + [""]
+
+
 def write_heatmap(jobs: list[JobResult], metric: str, path: Path,
                   value: Callable[[JobResult], float] | None = None) -> Path | str:
     """``metric`` over lr × λ (mean over seeds), one panel per setting of the other varied keys.
@@ -647,7 +885,8 @@ def write_report(
 
     Returns:
         ``{"jobs": [...], "best": JobResult | None, "baseline": ..., "metric": str, "mode": str,
-        "files": {name: path}, "notes": [...], "markdown": str}``.
+        "files": {name: path}, "notes": [...], "markdown": str, "paired": paired_differences(jobs),
+        "paired_markdown": str}``.
 
     Raises:
         ValueError: a test metric, a metric no finished job has, or an ambiguous default (see
@@ -754,10 +993,20 @@ def write_report(
                f"Also in `{out / 'evaluation'}` (evaluation.json, evaluation.md, saliency_comparison.png).", "",
                body.replace("\n## ", "\n### "), ""]
 
+    if ok:
+        md += reference_level_lines(jobs)
     other = [m for m in LOCALIZATION if m in available]
     if other:
         md += ["## Test-time localization and decoy reliance (mean ± std over seeds)", ""]
         md += _metric_table(groups, other, mean_std)
+    paired = paired_differences(jobs)
+    paired_md = paired_difference_lines(jobs, paired)
+    md += paired_md
+    files["paired_differences.csv"] = write_paired_csv(paired, out / "paired_differences.csv")
+    unpaired = pair_with_baseline(jobs).unpaired
+    if unpaired and any(j.ok and j.config.get("loss") == "ce" for j in jobs):
+        notes.append(f"Job(s) {_nums([j for j, _ in unpaired])} have no loss=ce job to pair with (see the paired "
+                     "differences).")
 
     # The selection metric, and test/acc: reporting a test metric is fine, selecting on it is not.
     for heat_metric in dict.fromkeys([metric, *(["test/acc"] if "test/acc" in available else [])]):
@@ -813,7 +1062,7 @@ def write_report(
     (out / "report.md").write_text("\n".join(md))
     files["report.md"] = out / "report.md"
     return {"jobs": jobs, "best": best, "baseline": baseline, "metric": metric, "mode": mode, "files": files,
-            "notes": notes, "markdown": "\n".join(md)}
+            "notes": notes, "markdown": "\n".join(md), "paired": paired, "paired_markdown": "\n".join(paired_md)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -844,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m trustcnn.report``: write the report and print report.md."""
+    """``python -m trustcnn.report``: write the report, print report.md, then its path and the paired differences."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -853,6 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(result["markdown"])
+    # The headline comparison last, where a terminal leaves it in view.
+    print(f"\nReport: {result['files']['report.md']}\n\n{result['paired_markdown']}")
     print("\nWritten: " + ", ".join(str(p) for p in result["files"].values()), file=sys.stderr)
 
 

@@ -37,7 +37,8 @@ from trustcnn.saliency import get_module
 
 log = logging.getLogger("trustcnn.train")
 
-FINAL_METRICS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat",
+FINAL_METRICS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "energy_pointing_game_uniform",
+                 "s_hat", "decoy_following_rate", "decoy_conflicts",
                  *(f"case{c}_{part}" for c in range(1, 5) for part in ("count", "fraction", "ci_low", "ci_high")))
 
 
@@ -193,7 +194,8 @@ def finish_loggers(loggers: list[pl.loggers.Logger], failed: bool) -> None:
             lg.finalize("failed" if failed else "success")
 
 
-TABLE_COLUMNS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "s_hat")
+TABLE_COLUMNS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "energy_pointing_game_uniform",
+                 "decoy_following_rate", "s_hat")
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -291,6 +293,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
             for result in trainer.test(module, datamodule=datamodule, ckpt_path=str(tested), verbose=False):
                 metrics.update({k: float(v) for k, v in result.items()
                                 if k.split("/", 1)[-1] in FINAL_METRICS})
+            for name, preds in module.test_predictions.items():
+                metrics.update({f"{name}/{k}": v for k, v in datamodule.prediction_metrics(name, torch.cat(preds)).items()})
             write_run_record(cfg, output_dir, tested, summary)
             save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -481,6 +481,12 @@ class BaseDataModule(pl.LightningDataModule):
         loaders = [self._loader(d, train=False) for d in self.test_sets]
         return loaders[0] if len(loaders) == 1 else loaders
 
+    def prediction_metrics(self, test_set: str, predictions: torch.Tensor) -> dict[str, float]:
+        """Metrics of the test predictions that only this data can compute (e.g. how often a model
+        follows a planted shortcut), keyed without the set prefix. ``predictions`` are the predicted
+        classes of the first ``len(predictions)`` images of ``test_set``, in loader order. None by default."""
+        return {}
+
     def main_test_dataloader(self) -> DataLoader:
         """The loader of the real test set (``test_set_names[0]``), set up if needed; extra test sets
         (e.g. decoy digits' label-consistent copy) are left out."""

@@ -191,10 +191,24 @@ class DecoyDigitsDataModule(BaseDataModule):
                 "labels": torch.from_numpy(labels[idx]),
                 "masks": masks,
                 "shades": torch.from_numpy(shade[idx]),
+                "decoy_classes": torch.from_numpy((random_classes if name == "test" else labels)[idx]),
                 "corners": torch.from_numpy(corners[idx]),
                 "index": torch.from_numpy(idx),
             }
         return out
+
+    def prediction_metrics(self, test_set: str, predictions: torch.Tensor) -> dict[str, float]:
+        """``decoy_following_rate``: among the test images whose decoy names another class than the label,
+        the share predicted as the decoy's class (chance: 1/10; a model that reads only the patch: 1)."""
+        self.setup()
+        split = self.splits[test_set]
+        n = len(predictions)
+        decoy, labels = split["decoy_classes"][:n], split["labels"][:n]
+        conflict = decoy != labels
+        if not conflict.any():  # test_consistent: decoy = label everywhere, nothing to measure
+            return {}
+        followed = (predictions.cpu()[conflict] == decoy[conflict]).double().mean()
+        return {"decoy_following_rate": float(followed), "decoy_conflicts": float(conflict.sum())}
 
     def setup(self, stage: str | None = None) -> None:
         if self._built:
