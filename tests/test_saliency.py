@@ -1,4 +1,5 @@
-"""Saliency maps against captum / pytorch-grad-cam oracles, plus gradcheck (DESIGN §2)."""
+"""Saliency maps against captum / pytorch-grad-cam oracles, plus gradcheck (DESIGN §2), and each
+sample's own map when BatchNorms normalize with batch statistics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from captum.attr._core.guided_backprop_deconvnet import GuidedBackprop as Captum
 from torch import nn
 
 from trustcnn.saliency import (
+    BatchCoupling,
     GradCAM,
     GuidedBackprop,
     GuidedGradCAM,
@@ -21,6 +23,7 @@ from trustcnn.saliency import (
     gradcam,
     normalize_maps,
     upsample,
+    uses_batch_statistics,
 )
 
 
@@ -274,6 +277,7 @@ def test_plain_forwards_keep_no_state_and_the_model_stays_copyable() -> None:
     assert method._capture.activations is None and plain.grad_fn is not None
     method(batch())
     assert method._capture.activations is None  # handed over to the map, not kept
+    assert method._probe.layer_input is None
     copy.deepcopy(net)  # fails while a hook holds a non-leaf tensor of the last batch
 
 
@@ -281,3 +285,149 @@ def test_signed_guided_maps_need_minmax() -> None:
     with pytest.raises(ValueError, match="channel_reduce=sum.*normalize=minmax"):
         GuidedGradCAM(make_net(), "target", channel_reduce="sum")
     GuidedGradCAM(make_net(), "target", channel_reduce="sum", normalize="minmax")
+
+
+# --- Batch statistics couple the samples: each map must still be its sample's own -----------------
+
+
+class BatchStatsNet(SmoothHeadNet):
+    """SmoothHeadNet with a BatchNorm2d ``after`` the target layer, ``before`` it (in the stem), or
+    ``inside`` it (the target becomes a conv-BN block). In train mode the BatchNorm normalizes with
+    the batch's statistics, so every logit depends on every sample of the batch."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        if where == "before":
+            self.stem.insert(1, nn.BatchNorm2d(6))
+        if where == "inside":
+            self.target = nn.Sequential(self.target, nn.BatchNorm2d(8))
+        self.post = nn.BatchNorm2d(8) if where == "after" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.post(self.target(self.stem(x))))
+        h = self.silu(self.smooth(h))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def make_bn_net(where: str) -> BatchStatsNet:
+    torch.manual_seed(0)
+    return BatchStatsNet(where).double().train()
+
+
+def own_maps_reference(
+    where: str, x: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, BatchStatsNet]:
+    """Each sample's Grad-CAM and guided gradient from one backward of its own score (a loop), on a
+    fresh copy of the net: plain autograd for Grad-CAM, trustcnn's gates for the guided rule only."""
+    net = make_bn_net(where)
+    kept = []
+    handle = net.target.register_forward_hook(lambda m, i, out: kept.append(out))
+    gates = GuidedBackprop(net)
+    x = x.clone().requires_grad_(True)
+    scores = net(x).gather(1, targets[:, None]).squeeze(1)
+    (activations,) = kept
+    cams, guided = [], []
+    for i in range(len(x)):
+        (grad,) = torch.autograd.grad(scores[i], activations, retain_graph=True, create_graph=True)
+        alpha = grad[i].mean(dim=(1, 2), keepdim=True)
+        cams.append(F.relu((alpha * activations[i]).sum(dim=0)))
+        with gates.active():
+            (grad,) = torch.autograd.grad(scores[i], x, retain_graph=True, create_graph=True)
+        guided.append(grad[i])
+    handle.remove()
+    return torch.stack(cams), torch.stack(guided), net
+
+
+def _grads_of(loss: torch.Tensor, net: nn.Module) -> tuple[torch.Tensor, ...]:
+    # The head's bias does not reach any map (its gradient is 0, materialized as such).
+    return torch.autograd.grad(
+        loss, list(net.parameters()), retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+
+
+@pytest.fixture
+def autograd_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, tuple[int, ...]]]:
+    """Records (is_grads_batched, shape of the differentiated-against tensor) of every autograd.grad."""
+    calls: list[tuple[bool, tuple[int, ...]]] = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        first = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        calls.append((bool(kwargs.get("is_grads_batched", False)), tuple(first.shape)))
+        return grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["after", "before", "inside"])
+def test_each_map_is_its_own_samples_under_batch_statistics(where: str, autograd_calls: list) -> None:
+    x = batch(n=4, size=8)
+    net = make_bn_net(where)
+    cam = GradCAM(net, "target", normalize="none")(x)
+    guided = GuidedGradCAM(net, "target", normalize="none", channel_reduce="none")(x)
+    ref_cam, ref_guided, ref_net = own_maps_reference(where, x, cam.targets)
+    assert torch.equal(guided.targets, cam.targets)
+    ref_guided_map = ref_guided * upsample(ref_cam, (8, 8)).unsqueeze(1)
+
+    # (a) each sample's map is the one of its own score, for Grad-CAM and Guided Grad-CAM ...
+    # (absolute tolerances far below the maps' scale: guided maps here are ~1e-5)
+    exact = dict(rtol=1e-7, atol=1e-13)
+    torch.testing.assert_close(cam.raw, ref_cam, **exact)
+    torch.testing.assert_close(guided.raw, ref_guided_map, **exact)
+    # ... and (c) so are the exact second-order parameter gradients of a loss on the maps.
+    for ours, theirs in zip(_grads_of(cam.raw.pow(2).sum(), net), _grads_of(ref_cam.pow(2).sum(), ref_net)):
+        torch.testing.assert_close(ours, theirs, **exact)
+    loss, ref_loss = guided.raw.abs().sum(), ref_guided_map.abs().sum()
+    for ours, theirs in zip(_grads_of(loss, net), _grads_of(ref_loss, ref_net)):
+        torch.testing.assert_close(ours, theirs, **exact)
+
+    # (b) one backward of the summed scores gives other answers wherever the samples are coupled:
+    # the guided input gradient always, Grad-CAM only with the BatchNorm after the target layer.
+    summed_guided = GuidedGradCAM(net, "target", normalize="none", channel_reduce="none", per_sample=False)(x)
+    assert not torch.allclose(summed_guided.raw, ref_guided_map, rtol=0.01, atol=0)
+    summed_cam = GradCAM(net, "target", normalize="none", per_sample=False)(x)
+    assert torch.allclose(summed_cam.raw, ref_cam, rtol=0.01, atol=0) == (where != "after")
+
+    # Per sample only where needed: Grad-CAM's gradient when the BatchNorm follows the target; the
+    # input gradient down to the block's input only, when the BatchNorm sits inside the target.
+    # (Only the two methods above batch their backward; the shapes are those differentiated against.)
+    batched = [shape for is_batched, shape in autograd_calls if is_batched]
+    cams = [(4, 8, 4, 4)] * 2 if where == "after" else []  # GradCAM's, then GuidedGradCAM's
+    assert batched == cams + [(4, 6, 4, 4) if where == "inside" else (4, 3, 8, 8)]
+
+
+def test_frozen_statistics_keep_the_single_summed_backward(autograd_calls: list) -> None:
+    x = batch(n=4, size=8)
+    for where in ("after", "before", "inside"):
+        net = make_bn_net(where).eval()
+        fast = GuidedGradCAM(net, "target", normalize="none")(x)
+        assert not any(is_batched for is_batched, _ in autograd_calls)
+        forced = GuidedGradCAM(net, "target", normalize="none", per_sample=True)(x)
+        torch.testing.assert_close(fast.raw, forced.raw, rtol=1e-7, atol=1e-13)  # summed is exact here
+        assert any(is_batched for is_batched, _ in autograd_calls)
+        autograd_calls.clear()
+    # A batch of one is its own batch, train mode or not.
+    GuidedGradCAM(make_bn_net("after"), "target")(x[:1])
+    assert not any(is_batched for is_batched, _ in autograd_calls)
+
+
+def test_which_normalization_layers_use_batch_statistics() -> None:
+    assert uses_batch_statistics(nn.BatchNorm2d(3).train())
+    assert not uses_batch_statistics(nn.BatchNorm2d(3).eval())
+    assert uses_batch_statistics(nn.BatchNorm1d(3, track_running_stats=False).eval())
+    assert uses_batch_statistics(nn.SyncBatchNorm(3).train())
+    assert not uses_batch_statistics(nn.InstanceNorm2d(3, affine=True, track_running_stats=True).train())
+    assert not uses_batch_statistics(nn.InstanceNorm2d(3).eval())  # no running stats, still per sample
+    assert not uses_batch_statistics(nn.GroupNorm(1, 3).train())
+    assert not uses_batch_statistics(nn.LayerNorm(3).train())
+
+    # What the method makes of it: the coupled gradients and, for a BatchNorm inside the target, the
+    # target's input as the place below which samples are independent.
+    method = GradCAM(make_bn_net("inside"), "target")
+    with method.recording():
+        method.model(batch(n=4, size=8))
+    coupling = method._probe.coupling(4)
+    assert (coupling.layer, coupling.input) == (False, True) and coupling.input_via.shape == (4, 6, 4, 4)
+    assert method._probe.layer_input is None  # handed over, not kept
+    assert method._probe.coupling(1) == BatchCoupling(layer=False, input=False)  # one sample: nothing to mix

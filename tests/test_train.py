@@ -160,7 +160,8 @@ def test_cli_multirun_lr_by_lambda_with_a_failing_job(tmp_path: Path, cache_dir:
     sweep = tmp_path / "sweep"
     result = _cli("-m", "optim.lr=1e-3,1e-4", "loss.lam=0.1,0.5,1.5", *TINY, f"paths.cache_dir={cache_dir}",
                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]  # the sweep finished, but two of its jobs failed
+    assert "2 failed" in result.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 6 and len({p.name for p in jobs}) == 6
     done = [p for p in jobs if (p / "metrics.json").exists()]

@@ -23,6 +23,11 @@ def _check_lam(lam: float) -> float:
     return lam
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision maps or logits (mixed precision) upcast, so every term is computed in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(
@@ -60,6 +65,7 @@ class CrossEntropyLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor | None = None,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = _at_least_float32(logits)
         _check_logits(logits, labels)
         ce = F.cross_entropy(logits, labels)
         return {"loss": ce, "ce": ce}
@@ -124,6 +130,7 @@ class TrustLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits, maps = _at_least_float32(logits), _at_least_float32(maps)
         _check_logits(logits, labels)
         _check_maps(maps, logits.shape[0])
         _check_unit_range(maps, "Saliency maps")
@@ -156,6 +163,7 @@ class MaskTrustLoss(TrustLoss):
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
                  masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits, maps = _at_least_float32(logits), _at_least_float32(maps)
         _check_logits(logits, labels)
         _check_maps(maps, logits.shape[0])
         _check_unit_range(maps, "Saliency maps")
@@ -165,14 +173,26 @@ class MaskTrustLoss(TrustLoss):
         masks = masks if masks.dim() == 3 else masks.squeeze(1)
         _check_maps(masks, logits.shape[0], "masks")
         _check_unit_range(masks, "Masks")
-        target = resize_masks(masks.to(maps.dtype), tuple(maps.shape[-2:]))
-        probs = maps.clamp(self.eps, 1 - self.eps)
-        pwce = F.binary_cross_entropy(probs, target, reduction="none").flatten(1).mean(dim=1)
+        pwce = _pixelwise_bce(maps, masks, self.eps)
         ce, c = self._scaled_ce(logits, labels)
         terms = self._combine(ce, c, pwce, pwce.clamp(0.0, 1.0))
         terms["pwce"] = pwce.mean()
         terms["s_hat"] = maps.flatten(1).mean(dim=1).mean()
         return terms
+
+
+def _pixelwise_bce(maps: torch.Tensor, masks: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-sample mean BCE between ``maps`` and the masks resized to them, always in float32 or wider.
+
+    Under mixed precision the maps arrive in float16/bfloat16: CUDA autocast refuses
+    ``binary_cross_entropy`` there ("unsafe to autocast"), and ``eps`` = 1e-6 would round to 0 or 1 in
+    half precision, making the log infinite. So autocast is switched off and the inputs are upcast.
+    """
+    dtype = torch.promote_types(maps.dtype, torch.float32)
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        target = resize_masks(masks.to(dtype), tuple(maps.shape[-2:]))
+        probs = maps.to(dtype).clamp(eps, 1 - eps)
+        return F.binary_cross_entropy(probs, target, reduction="none").flatten(1).mean(dim=1)
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -145,11 +145,25 @@ class TrustModule(pl.LightningModule):
                 "is kept. Lower optim.lr or check the data for NaN/Inf."
             )
         # Stage prefixes are unique per dataloader already, so no "/dataloader_idx_N" suffix.
-        log_kw = dict(on_epoch=True, batch_size=x.shape[0], add_dataloader_idx=False)
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value.detach(), on_step=training, prog_bar=name == "loss" and training, **log_kw)
+        log_kw = dict(on_epoch=True, batch_size=float(x.shape[0]), add_dataloader_idx=False)
+        values = {name: value.detach() for name, value in terms.items()}
         if maps is not None and "s_hat" not in terms:
-            self.log(f"{stage}/s_hat", maps.detach().flatten(1).mean(), **log_kw)
+            values["s_hat"] = maps.detach().flatten(1).mean()
+        # Under DDP the plain tensors are made all-rank means (torchmetrics objects below sync their own
+        # states when computed). Training logs every step: one all-reduce of all terms per step gives every
+        # rank the global batch's means, logged unsynced with the global batch as weight (Lightning's sync_dist
+        # would all-reduce each term, each with a barrier, at every step). Evaluation logs epoch values only:
+        # sync_dist reduces each rank's sum(value * batch_size) and count once, at the epoch's end. The count
+        # is a float: Lightning (2.6) keeps it in an integer tensor whose mean-sync floors when the ranks'
+        # counts differ (unpadded evaluation shards: 180 + 179 images became 2 x 179), which inflated every
+        # synced mean (Lightning-AI/pytorch-lightning#21838). Outside DDP neither costs anything.
+        if training:
+            values, global_batch = self._global_batch_means(values, x.shape[0])
+            sync_kw = dict(log_kw, batch_size=global_batch, sync_dist=False)
+        else:
+            sync_kw = dict(log_kw, sync_dist=True)
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, on_step=training, prog_bar=name == "loss" and training, **sync_kw)
         cls = self.cls_metrics[f"{stage}_metrics"]
         cls.update(logits.detach().argmax(dim=1), y)
         self.log_dict({f"{stage}/{k}": m for k, m in cls.items()}, on_step=False, prog_bar=training, **log_kw)
@@ -166,6 +180,18 @@ class TrustModule(pl.LightningModule):
             self.test_predictions.setdefault(stage, []).append(logits.detach().argmax(dim=1).cpu())
         return terms
 
+    def _global_batch_means(self, values: dict[str, torch.Tensor], batch_size: int
+                            ) -> tuple[dict[str, torch.Tensor], float]:
+        """``values`` (means over this rank's batch) as means over the batches of all ranks, weighted by their
+        sizes, with the global batch size; one all-reduce. Unchanged outside DDP."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return values, float(batch_size)
+        weight = torch.tensor(float(batch_size), device=self.device)
+        sums = torch.stack([*(v.float() * weight for v in values.values()), weight])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        total = sums[-1]
+        return {name: sums[i] / total for i, name in enumerate(values)}, float(total)
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._stage_step(batch, "train")["loss"]
 
@@ -180,20 +206,43 @@ class TrustModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_predictions = {}
 
+    def _gather_test_predictions(self) -> None:
+        """Under DDP, every rank's ``test_predictions`` become those of all ranks, in loader order.
+
+        The test loaders shard the sets without padding (rank ``r`` reads images ``r, r + world_size, ...``;
+        ``ShardSampler``), so interleaving the ranks' predictions gives the one-process order."""
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        from trustcnn.data.common import interleave_shards
+
+        for stage in self.test_set_names:
+            local = self.test_predictions.get(stage) or [torch.zeros(0, dtype=torch.long)]
+            parts: list[Any] = [None] * world_size
+            torch.distributed.all_gather_object(parts, torch.cat(local))  # a collective: every rank, every set
+            merged = interleave_shards([p.cpu() for p in parts])
+            if len(merged):
+                self.test_predictions[stage] = [merged]
+
     def on_test_epoch_end(self) -> None:
+        self._gather_test_predictions()
         if self.case_tables is None:
             return
         from pytorch_lightning.loggers import WandbLogger
 
         for stage in self.test_set_names:
             table = self.case_tables[f"{stage}_metrics"]
-            if not table.update_called:
+            # compute() syncs the counts over the ranks (a collective), so every rank must agree to call it.
+            if not bool(self.all_gather(torch.tensor(int(table.update_called), device=self.device)).any()):
                 continue
             result = table.compute()
             table.reset()
             for c in range(1, 5):
                 for part in ("count", "fraction", "ci_low", "ci_high"):
-                    self.log(f"{stage}/case{c}_{part}", result[f"case{c}_{part}"].float(), add_dataloader_idx=False)
+                    # Already the all-rank value on every rank; sync_dist averages identical values (and keeps
+                    # Lightning from warning about an unsynced epoch-level value).
+                    self.log(f"{stage}/case{c}_{part}", result[f"case{c}_{part}"].float(), add_dataloader_idx=False,
+                             sync_dist=True)
             for lg in self.loggers:
                 if isinstance(lg, WandbLogger):
                     rows = [[c, CASE_NAMES[c], int(result[f"case{c}_count"]), float(result[f"case{c}_fraction"]),

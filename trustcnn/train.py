@@ -26,9 +26,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from trustcnn.checkpoints import RUN_RECORD, check_test_checkpoint, metric_mode
 from trustcnn.config_check import UnknownConfigKeyError, check_overrides
+from trustcnn.launch import job_threads, resume_after_requeue
 from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.pretrain import ensure_pretrained
@@ -225,9 +227,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    resume_after_requeue(cfg)  # a job SLURM requeued goes on from its own last.ckpt (trustcnn.launch)
+    if is_rank_zero():  # DDP: every rank runs this function; rank 0 writes the run files
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
-    with torch_threads(cfg.get("num_threads")):
+    # num_threads, capped at this job's share of the cores when sweep jobs run at once (trustcnn.launch)
+    with torch_threads(job_threads(cfg)):
         return _fit_and_test(cfg, output_dir)
 
 
@@ -243,6 +248,30 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (always, outside DDP). Known before any trainer exists: the
+    processes Lightning's DDP launcher starts carry their rank in the environment, and the strategy sets
+    it again once it has set up."""
+    return int(getattr(rank_zero_only, "rank", 0)) == 0
+
+
+def _check_ddp_launch(trainer: pl.Trainer) -> None:
+    """Refuse DDP launched by Lightning's script launcher inside a Hydra multirun: the launcher re-runs the
+    command line, so each extra rank would run the whole sweep in a directory of its own."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if trainer.world_size <= 1 or launcher is None or not HydraConfig.initialized():
+        return
+    from lightning_fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as FabricLauncher
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    spawns = isinstance(launcher, (_SubprocessScriptLauncher, FabricLauncher)) and \
+        not launcher.cluster_environment.creates_processes_externally
+    if spawns and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise RuntimeError("trainer=ddp (strategy ddp, several devices) cannot run inside a multirun (-m): Lightning "
+                           "starts the other ranks by re-running the command line, which would re-run the whole "
+                           "sweep. Run each job as its own `python -m trustcnn.train trainer=ddp ...` command.")
+
+
 def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """The body of :func:`train`, after the output directory and seeds are set."""
     # Everything a user can get wrong in the config fails here, before any training.
@@ -253,6 +282,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     if loss.needs_masks and not datamodule.has_masks:
         raise ValueError(f"loss=trust_mask needs masks, but data={type(datamodule).__name__} has none; "
                          "use data=decoy_digits or data=oxford_pet, or loss=trust.")
+    loggers = build_loggers(cfg, output_dir)
+    callbacks = build_callbacks(cfg, with_logger=bool(loggers))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=list(callbacks.values()))
+    _check_ddp_launch(trainer)
     if cfg.model.get("pretrain"):
         pre = cfg.model.pretrain
         # "order": the training data's order is a function of (seed, epoch) since resumable runs
@@ -262,15 +295,18 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
         for key in ("num_workers", "root"):  # cannot change the weights; everything else can
             spec["data"].pop(key, None)
         spec["model"]["pretrain"].pop("cache_dir", None)
-        pretrained = ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr, seed=cfg.seed)
+        # The pretraining runs in one process before DDP starts (every rank runs it or finds it cached), on the
+        # global batch (data.batch_size is per process), so a DDP run starts from the same cached network as a
+        # one-process run of the same global batch; outside DDP nothing changes.
+        spec["data"]["batch_size"] = global_batch = datamodule.batch_size * trainer.world_size
+        with datamodule.batch_size_set_to(global_batch):
+            pretrained = ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr,
+                                           seed=cfg.seed)
     else:
         pretrained = None
     module = build_module(cfg, model, loss, datamodule)
     _check_checkpoint_callbacks(cfg)
 
-    loggers = build_loggers(cfg, output_dir)
-    callbacks = build_callbacks(cfg, with_logger=bool(loggers))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=list(callbacks.values()))
     objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
                "pretrained": pretrained}
     failed = True
@@ -295,10 +331,14 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
                                 if k.split("/", 1)[-1] in FINAL_METRICS})
             for name, preds in module.test_predictions.items():
                 metrics.update({f"{name}/{k}": v for k, v in datamodule.prediction_metrics(name, torch.cat(preds)).items()})
-            write_run_record(cfg, output_dir, tested, summary)
-            save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n")
+            # Under DDP every rank holds the same metrics (synced; the predictions gathered in loader order),
+            # and only rank 0 writes files (checkpoints are Lightning's, rank 0 too).
+            if trainer.is_global_zero:
+                write_run_record(cfg, output_dir, tested, summary)
+                save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
+        if trainer.is_global_zero:
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n")
         failed = False
     finally:
         finish_loggers(loggers, failed)
@@ -335,7 +375,10 @@ def save_test_grid(module: TrustModule, datamodule: pl.LightningDataModule, path
 
 
 def _record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """Leave the error in the job directory so `trustcnn.report` can list failed jobs."""
+    """Leave the error in the job directory so `trustcnn.report` can list failed jobs (DDP: rank 0's error;
+    the other ranks' tracebacks go to stderr)."""
+    if not is_rank_zero():
+        return
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "error.json").write_text(json.dumps({
@@ -345,8 +388,30 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    """Hydra entry point; returns the value of ``cfg.optimized_metric`` at the tested checkpoint for sweepers.
+
+    In a multirun a failed job leaves ``error.json`` and returns ``None`` (Optuna marks the trial failed and
+    goes on; the summary at the end lists it and the exit status is 1); a single run raises. With
+    ``skip_finished=true`` a job whose directory holds a finished run of the same resolved config returns that
+    run's value without training (:func:`trustcnn.sweep.skip_finished_job`).
+    """
+    from trustcnn import sweep
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("skip_finished"):
+        job = str(hc.job.num) if multirun else str(output_dir)
+        try:
+            skipped, value = sweep.skip_finished_job(cfg, output_dir, job, list(hc.overrides.task), multirun)
+        except sweep.FinishedJobMismatchError as err:
+            if not multirun:
+                raise
+            log.error("Job %s refused: %s", job, err)  # recorded in refused.json; the summary lists it
+            return None
+        if skipped:
+            return value
+    sweep.clear_results(output_dir)
     try:
         metrics, _ = train(cfg)
     except Exception as err:
@@ -354,21 +419,36 @@ def hydra_main(cfg: DictConfig) -> float | None:
         if not multirun:
             raise
         # One failing job must not stop the rest of the sweep.
-        log.error("Job %s failed: %s: %s (details in %s/error.json)", HydraConfig.get().job.num,
+        log.error("Job %s failed: %s: %s (details in %s/error.json)", hc.job.num,
                   type(err).__name__, err, cfg.paths.output_dir)
-        return math.nan
+        return None
     # The tested model's validation value (not the best epoch's), so a sweeper ranks what is published.
-    return metrics.get(cfg.optimized_metric, math.nan)
+    return sweep.sweeper_value(metrics, cfg.optimized_metric)
 
 
 def main() -> None:
-    """``python -m trustcnn.train``: check the overrides, then hand over to Hydra."""
+    """``python -m trustcnn.train``: check the overrides, then hand over to Hydra.
+
+    After a multirun the exit status is 1 when a job failed (or did not finish): the ``SweepSummary``
+    callback, which prints the summary in this process whichever launcher ran the jobs, keeps the verdict.
+    When Hydra stops a multirun early (an error, Ctrl-C), the summary of the sweep directory so far is
+    printed before the error propagates.
+    """
+    from trustcnn import sweep
+
     try:
         check_overrides(sys.argv[1:])
     except UnknownConfigKeyError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    sweep.reset()
+    try:
+        hydra_main()
+    except BaseException:
+        sweep.summarize_stopped_multirun()
+        raise
+    if sweep.exit_code():
+        sys.exit(sweep.exit_code())
 
 
 if __name__ == "__main__":

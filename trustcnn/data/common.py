@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -334,26 +335,109 @@ def stratified_subsample(
 # --------------------------------------------------------------------------------------------------
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order of ``n`` indices that is a function of ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """A random order of ``n`` indices that is a function of ``(seed, epoch)``, optionally sharded.
 
     Lightning calls ``set_epoch`` before every training epoch. A ``DataLoader`` generator would instead
     restart from its seed whenever the loader is rebuilt, so a run resumed from a checkpoint would replay
     epoch 0's order; with this sampler epoch ``e`` has the same order in a resumed and an uninterrupted run.
+
+    Under DDP (``world_size > 1``) every rank draws the same global order and takes every
+    ``world_size``-th index from position ``rank``: with a per-rank batch of ``B``, the ranks' batches
+    ``k`` together are exactly the one-process batch ``k`` of ``world_size * B`` samples, so DDP's averaged
+    gradient is the one-process gradient. The order is padded with its own first indices to a multiple of
+    ``world_size`` (as ``DistributedSampler`` does) so that every rank runs the same number of steps; only
+    the last batch of an epoch can differ from one process, and only when ``n`` is not a multiple of
+    ``world_size``.
+
+    It is a ``DistributedSampler`` only so that Lightning (``use_distributed_sampler=True``) leaves it
+    alone instead of sharding it a second time; none of the parent's sampling is used.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        _check_shard(rank, world_size)
         self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.rank, self.num_replicas = int(rank), int(world_size)
+        self.shuffle, self.drop_last = True, False
+        self.num_samples = -(-self.n // self.num_replicas)  # per rank, after padding
+        self.total_size = self.num_samples * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def global_order(self) -> list[int]:
+        """The order of one process (``world_size = 1``) for the current epoch, before sharding."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self):
+        order = self.global_order()
+        if self.num_replicas == 1:
+            return iter(order)
+        padding = self.total_size - self.n
+        order += (order * (padding // max(self.n, 1) + 1))[:padding]
+        return iter(order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The data-loader seed of DDP rank ``rank``: ``seed`` itself on rank 0 (= one process)."""
+    return int(seed) if rank == 0 else int(np.random.SeedSequence([int(seed), 0x5EED, int(rank)]).generate_state(1)[0])
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sharding without padding: rank ``r`` of ``world_size`` reads indices ``r, r + world_size, ...``
+    of ``range(n)`` in order, so every image is evaluated exactly once (``DistributedSampler`` would repeat
+    some to even out the ranks, and count them twice in the metrics). Ranks may get one image (and so one
+    batch) more than others; :func:`interleave_shards` puts their per-sample results back in loader order.
+    A ``DistributedSampler`` only so that Lightning does not wrap it (see :class:`EpochShuffleSampler`).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        _check_shard(rank, world_size)
+        if n < world_size:
+            raise ValueError(f"{n} evaluation samples cannot be shared by {world_size} processes: each rank needs "
+                             "at least one (a rank without batches would wait forever for the others' metrics)")
+        self.n, self.rank, self.num_replicas = int(n), int(rank), int(world_size)
+        self.shuffle, self.drop_last, self.epoch, self.seed = False, False, 0, 0
+        self.num_samples = len(range(self.rank, self.n, self.num_replicas))
+        self.total_size = self.n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        return iter(range(self.rank, self.n, self.num_replicas))
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
+
+
+def interleave_shards(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample results of the ranks of a :class:`ShardSampler` loader (``parts[r]``: rank ``r``'s, in its
+    order) back in the one-process loader order: position ``j * world_size + r`` holds ``parts[r][j]``.
+
+    Any first-``k``-batches limit leaves each rank a prefix of its shard, and their union is then a prefix
+    of the loader order, which is what this returns."""
+    world_size = len(parts)
+    total = sum(len(p) for p in parts)
+    if world_size == 1:
+        return parts[0]
+    out = parts[0].new_empty((total, *parts[0].shape[1:]))
+    for rank, part in enumerate(parts):
+        expected = len(range(rank, total, world_size))
+        if len(part) != expected:
+            raise ValueError(f"rank {rank} holds {len(part)} results, but a prefix of {total} samples sharded over "
+                             f"{world_size} ranks gives it {expected}: the shards are not a ShardSampler's")
+        out[rank::world_size] = part
+    return out
 
 
 class ImageListDataset(Dataset):
@@ -453,20 +537,47 @@ class BaseDataModule(pl.LightningDataModule):
         """Images in [0, 1] (for plotting) from normalized ``(3,H,W)`` or ``(N,3,H,W)`` tensors."""
         return denormalize(x, self.mean, self.std)
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    @contextmanager
+    def batch_size_set_to(self, batch_size: int) -> Iterator[None]:
+        """Loaders made inside the block use ``batch_size`` (e.g. the one-process pretraining of a DDP run,
+        which uses the global batch)."""
+        previous, self.batch_size = self.batch_size, int(batch_size)
+        try:
+            yield
+        finally:
+            self.batch_size = previous
+
+    def _shard(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of the attached trainer (``(0, 1)`` without one or outside DDP)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _loader(self, dataset: Dataset | None, train: bool, shard: bool = True) -> DataLoader:
+        """The loader of ``dataset``: for training in the ``(seed, epoch)`` order (:class:`EpochShuffleSampler`),
+        otherwise in dataset order. Under DDP (a trainer with ``world_size > 1`` attached, and ``shard``) each
+        rank gets its own share: ``data.batch_size`` is the batch of one process, and the global batch is
+        ``world_size * batch_size``. Evaluation shards are not padded (:class:`ShardSampler`)."""
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
+        rank, world_size = self._shard() if shard else (0, 1)
+        if train:
+            sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world_size)
+        else:
+            sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             # Making an iterator draws the workers' base seed from this generator, not from the global RNG:
             # Lightning makes the first epoch's iterator before `on_train_epoch_start` and later ones after
             # it, so a draw from the global RNG would shift a resumed run's dropout masks (see EpochSeed).
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            # Each DDP rank's workers get their own stream (rank 0 keeps the one-process seed).
+            generator=torch.Generator().manual_seed(_rank_seed(self.seed, rank)) if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -492,7 +603,8 @@ class BaseDataModule(pl.LightningDataModule):
         (e.g. decoy digits' label-consistent copy) are left out."""
         if self.test_sets is None:
             self.setup("test")
-        return self._loader(self.test_sets[0] if self.test_sets is not None else None, train=False)
+        # Never sharded: the first images are the first images on every rank (the saliency grid, evaluate).
+        return self._loader(self.test_sets[0] if self.test_sets is not None else None, train=False, shard=False)
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         return self.test_dataloader()

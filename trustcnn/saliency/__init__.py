@@ -1,7 +1,14 @@
 """Differentiable, batched saliency maps computed inside the training step (pure torch)."""
 
-from trustcnn.saliency.capture import LayerCapture, LayerNotFoundError, get_module
-from trustcnn.saliency.gradcam import cam_gradients, gradcam
+from trustcnn.saliency.capture import (
+    BatchCoupling,
+    BatchStatisticsProbe,
+    LayerCapture,
+    LayerNotFoundError,
+    get_module,
+    uses_batch_statistics,
+)
+from trustcnn.saliency.gradcam import gradcam, score_gradients
 from trustcnn.saliency.guided import GuidedBackprop, guided_gradcam, reduce_channels, upsample
 from trustcnn.saliency.methods import (
     SALIENCY_METHODS,
@@ -15,10 +22,13 @@ from trustcnn.saliency.methods import (
 from trustcnn.saliency.normalize import normalize_maps
 
 __all__ = [
+    "BatchCoupling",
+    "BatchStatisticsProbe",
     "LayerCapture",
     "LayerNotFoundError",
     "get_module",
-    "cam_gradients",
+    "uses_batch_statistics",
+    "score_gradients",
     "gradcam",
     "GuidedBackprop",
     "guided_gradcam",

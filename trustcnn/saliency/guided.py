@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trustcnn.saliency.capture import Armable
+from trustcnn.saliency.gradcam import score_gradients
 
 ChannelReduce = Literal["abs_sum", "abs_max", "sum", "none"]
 
@@ -84,11 +85,24 @@ class GuidedBackprop(Armable):
         finally:
             self._switch.on = False
 
-    def gradients(self, scores: torch.Tensor, inputs: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
-        """Guided-backprop gradient ``(N, C, H, W)`` of ``scores (N,)`` w.r.t. ``inputs``."""
+    def gradients(
+        self,
+        scores: torch.Tensor,
+        inputs: torch.Tensor,
+        create_graph: bool = True,
+        per_sample: bool = False,
+        per_sample_from: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Guided-backprop gradient ``(N, C, H, W)`` of each ``scores[i]`` w.r.t. ``inputs[i]``.
+
+        ``per_sample`` (and ``per_sample_from``) for a model that normalizes with batch statistics
+        between the input and the scores: see :func:`~trustcnn.saliency.gradcam.score_gradients`.
+        The gates' backward is plain tensor code, so it also runs batched over the samples' gradients.
+        """
         with self.active():
-            (grads,) = torch.autograd.grad(scores.sum(), inputs, create_graph=create_graph, retain_graph=True)
-        return grads
+            return score_gradients(
+                scores, inputs, create_graph=create_graph, per_sample=per_sample, per_sample_from=per_sample_from
+            )
 
     def remove(self) -> None:
         for handle in self._handles:

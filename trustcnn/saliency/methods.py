@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ContextManager, Iterator, Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
 
-from trustcnn.saliency.capture import LayerCapture
+from trustcnn.saliency.capture import BatchCoupling, BatchStatisticsProbe, LayerCapture
 from trustcnn.saliency.gradcam import gradcam
 from trustcnn.saliency.guided import ChannelReduce, GuidedBackprop, guided_gradcam
 from trustcnn.saliency.normalize import Normalization, normalize_maps
@@ -61,6 +61,22 @@ class SaliencyMethod:
             gets exact gradients; ``False`` is a cheaper first-order approximation.
         normalize: per-sample normalization of the returned ``maps``.
         target: explain the predicted class or the label.
+        per_sample: how each sample's gradient is separated from the batch's. The gradients are
+            taken in the same batched forward that gives the logits, and one backward of the summed
+            target scores gives every sample's own gradient only while samples do not interact in
+            that forward. A normalization layer that uses the batch's statistics (BatchNorm in train
+            mode, e.g. a trainable ResNet block, or without running statistics) makes each score
+            depend on every sample, and the summed backward would then mix the other samples'
+            gradients into each map. ``None`` (default) detects this per forward: each gradient is
+            taken per sample only when the batch has more than one sample and such a layer ran
+            between the gradient's variable and the logits (after the target layer, for Grad-CAM;
+            anywhere, for the guided input gradient), so frozen, eval-mode BatchNorms keep the
+            single summed backward. The per-sample backward costs about ``N`` times the summed one
+            over the part of the network it spans: from the logits down to the target layer's
+            input when all such layers ran inside the target layer (a trainable block in train
+            mode), else down to the gradient's variable. ``True`` / ``False`` force the per-sample
+            (over the whole span, trusting no detection) / summed backward (``False``: the cheaper
+            approximation).
     """
 
     def __init__(
@@ -70,6 +86,7 @@ class SaliencyMethod:
         second_order: bool = True,
         normalize: Normalization = "max",
         target: TargetClass = "predicted",
+        per_sample: bool | None = None,
     ) -> None:
         if target not in ("predicted", "label"):
             raise ValueError(f"Unknown saliency target {target!r}; use predicted or label.")
@@ -79,8 +96,10 @@ class SaliencyMethod:
         self.second_order = second_order
         self.normalize = normalize
         self.target = target
+        self.per_sample = per_sample
         # Passive outside __call__: plain forwards of the model cost nothing extra and keep nothing.
         self._capture = LayerCapture(model, target_layer, armed=False)
+        self._probe = BatchStatisticsProbe(model, target_layer, armed=False)
 
     def __call__(
         self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
@@ -99,21 +118,32 @@ class SaliencyMethod:
         with self.recording():
             logits = self.model(x)
         activations, self._capture.activations = self._capture.activations, None
+        coupling = self._probe.coupling(logits.shape[0])
+        if self.per_sample is not None:
+            coupling = BatchCoupling(layer=self.per_sample, input=self.per_sample)
         targets = select_targets(logits, labels, self.target)
         scores = logits.gather(1, targets[:, None]).squeeze(1)
         create_graph = self.second_order if create_graph is None else create_graph
-        raw = self.compute_map(x, activations, scores, create_graph)
+        raw = self.compute_map(x, activations, scores, create_graph, coupling)
         return SaliencyOutput(logits, targets, raw, normalize_maps(raw, self.normalize))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
-    def recording(self) -> ContextManager[None]:
+    @contextmanager
+    def recording(self) -> Iterator[None]:
         """Arms the hooks this method needs for the duration of its own forward pass."""
-        return self._capture.armed_for()
+        self._probe.reset()
+        with self._capture.armed_for(), self._probe.armed_for():
+            yield
 
     def compute_map(
-        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+        self,
+        x: torch.Tensor,
+        activations: torch.Tensor,
+        scores: torch.Tensor,
+        create_graph: bool,
+        coupling: BatchCoupling,
     ) -> torch.Tensor:
         """The raw map of each sample, from the input, the layer output and the target scores."""
         raise NotImplementedError
@@ -121,15 +151,21 @@ class SaliencyMethod:
     def remove(self) -> None:
         """Detach every hook from the model."""
         self._capture.remove()
+        self._probe.remove()
 
 
 class GradCAM(SaliencyMethod):
     """Grad-CAM on the target layer; maps ``(N, h, w)`` at the layer's resolution."""
 
     def compute_map(
-        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+        self,
+        x: torch.Tensor,
+        activations: torch.Tensor,
+        scores: torch.Tensor,
+        create_graph: bool,
+        coupling: BatchCoupling,
     ) -> torch.Tensor:
-        return gradcam(activations, scores, create_graph=create_graph)
+        return gradcam(activations, scores, create_graph=create_graph, per_sample=coupling.layer)
 
 
 class GuidedGradCAM(SaliencyMethod):
@@ -149,8 +185,9 @@ class GuidedGradCAM(SaliencyMethod):
         target: TargetClass = "predicted",
         interpolate_mode: str = "bilinear",
         channel_reduce: ChannelReduce = "abs_sum",
+        per_sample: bool | None = None,
     ) -> None:
-        super().__init__(model, target_layer, second_order, normalize, target)
+        super().__init__(model, target_layer, second_order, normalize, target, per_sample)
         self.interpolate_mode = interpolate_mode
         self.channel_reduce = channel_reduce
         if channel_reduce == "sum" and normalize != "minmax":
@@ -162,22 +199,26 @@ class GuidedGradCAM(SaliencyMethod):
         self._guided = GuidedBackprop(model, armed=False)
 
     @contextmanager
-    def _both_armed(self) -> Iterator[None]:
-        with self._capture.armed_for(), self._guided.armed_for():
+    def recording(self) -> Iterator[None]:
+        with super().recording(), self._guided.armed_for():
             yield
-
-    def recording(self) -> ContextManager[None]:
-        return self._both_armed()
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         # The guided gradient is taken w.r.t. the input, so the input must be a graph leaf.
         return x.detach().requires_grad_(True)
 
     def compute_map(
-        self, x: torch.Tensor, activations: torch.Tensor, scores: torch.Tensor, create_graph: bool
+        self,
+        x: torch.Tensor,
+        activations: torch.Tensor,
+        scores: torch.Tensor,
+        create_graph: bool,
+        coupling: BatchCoupling,
     ) -> torch.Tensor:
-        cam = gradcam(activations, scores, create_graph=create_graph)
-        guided = self._guided.gradients(scores, x, create_graph=create_graph)
+        cam = gradcam(activations, scores, create_graph=create_graph, per_sample=coupling.layer)
+        guided = self._guided.gradients(
+            scores, x, create_graph=create_graph, per_sample=coupling.input, per_sample_from=coupling.input_via
+        )
         return guided_gradcam(cam, guided, self.interpolate_mode, self.channel_reduce)
 
     def remove(self) -> None:

@@ -22,6 +22,9 @@ def normalize_maps(maps: torch.Tensor, how: Normalization = "max", eps: float = 
     """
     if how == "none":
         return maps
+    # In float32 even under mixed precision: EPS = 1e-7 is below float16's resolution near 1 and the
+    # peak's division is where bf16 loses the most; the [0, 1] map the losses need comes out exact.
+    maps = maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
     flat = maps.flatten(1)
     if how == "max":
         peak = flat.amax(dim=1).clamp(min=0)
