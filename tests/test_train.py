@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from trustcnn.data.decoy_digits import DecoyDigitsDataModule
-from trustcnn.models.pretrain import pretrain_key  # noqa: F401  (the cache naming is exercised below)
 from trustcnn.module import NonFiniteLossError
 from trustcnn.saliency import LayerNotFoundError
 from trustcnn.train import train
