@@ -221,7 +221,7 @@ class _Data:
 
 
 def _pretrain_job(cache: Path, out: Path, barrier, break_lock: bool) -> None:
-    """One sweep job reaching the pretraining cache (a forked process)."""
+    """One sweep job reaching the pretraining cache (a spawned process)."""
     import torch
 
     import trustcnn.models.pretrain as pretrain
@@ -238,7 +238,7 @@ def _pretrain_job(cache: Path, out: Path, barrier, break_lock: bool) -> None:
 
     pretrain.train_end_to_end = slow_train
     model = type("Model", (), {"net": torch.nn.Linear(5, 2)})()
-    barrier.wait(timeout=60)  # both jobs reach the cache together
+    barrier.wait(timeout=240)  # both jobs reach the cache together (after importing torch)
     path = pretrain.ensure_pretrained(model, _Data(), {"net": "linear"}, cache, epochs=2, lr=0.1, seed=0)
     out.write_text(json.dumps({"trained": bool(trained), "path": str(path),
                                "weights": [float(v.sum()) for v in model.net.state_dict().values()]}))
@@ -247,13 +247,15 @@ def _pretrain_job(cache: Path, out: Path, barrier, break_lock: bool) -> None:
 def _pretrain_concurrently(tmp_path: Path, break_lock: bool) -> list[dict]:
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")  # two processes, without re-importing torch in each
+    # spawn, not fork: a child forked from a pytest process whose torch/OpenMP thread pools already ran
+    # (any earlier test) can deadlock in its first parallel op.
+    ctx = multiprocessing.get_context("spawn")
     barrier, outs = ctx.Barrier(2), [tmp_path / f"job{i}.json" for i in range(2)]
     procs = [ctx.Process(target=_pretrain_job, args=(tmp_path / "cache", out, barrier, break_lock)) for out in outs]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
     return [json.loads(out.read_text()) for out in outs]
 
