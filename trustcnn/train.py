@@ -131,8 +131,7 @@ def tested_checkpoint_path(cfg: DictConfig, callbacks: dict[str, pl.Callback]) -
     ``last``: the ``last_checkpoint`` callback's file (the end of the latest epoch). ``best``: the
     ``model_checkpoint`` callback's best file (best validation ``optimized_metric``).
     """
-    rule = check_test_checkpoint(cfg.get("test_checkpoint", "last"))
-    name = "last_checkpoint" if rule == "last" else "model_checkpoint"
+    rule, name = _tested_callback(cfg)
     callback = callbacks.get(name)
     path = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
     if not path:
@@ -141,12 +140,17 @@ def tested_checkpoint_path(cfg: DictConfig, callbacks: dict[str, pl.Callback]) -
     return Path(path)
 
 
+def _tested_callback(cfg: DictConfig) -> tuple[str, str]:
+    """``(test_checkpoint rule, name of the callback that writes that file)``."""
+    rule = check_test_checkpoint(cfg.get("test_checkpoint", "last"))
+    return rule, "last_checkpoint" if rule == "last" else "model_checkpoint"
+
+
 def _check_checkpoint_callbacks(cfg: DictConfig) -> None:
     """Fail before training when the tested checkpoint could never be written."""
-    rule = check_test_checkpoint(cfg.get("test_checkpoint", "last"))
+    rule, name = _tested_callback(cfg)
     if not cfg.get("test"):
         return
-    name = "last_checkpoint" if rule == "last" else "model_checkpoint"
     if (cfg.get("callbacks") or {}).get(name) is None:
         raise ValueError(f"test_checkpoint={rule} tests the file of callbacks.{name}, which is null; restore it "
                          f"(remove callbacks.{name}=null) or set test=false.")

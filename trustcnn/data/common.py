@@ -362,9 +362,6 @@ class EpochShuffleSampler(DistributedSampler):
         self.num_samples = -(-self.n // self.num_replicas)  # per rank, after padding
         self.total_size = self.num_samples * self.num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def global_order(self) -> list[int]:
         """The order of one process (``world_size = 1``) for the current epoch, before sharding."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -404,9 +401,6 @@ class ShardSampler(DistributedSampler):
         self.shuffle, self.drop_last, self.epoch, self.seed = False, False, 0, 0
         self.num_samples = len(range(self.rank, self.n, self.num_replicas))
         self.total_size = self.n
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __iter__(self):
         return iter(range(self.rank, self.n, self.num_replicas))
