@@ -583,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m trustcnn.evaluate``: parse arguments, evaluate, print the Markdown."""
+    from trustcnn.cli import full_error, report_failure
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.runs and not args.baseline:
@@ -596,8 +598,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             accurate_threshold=args.accurate_threshold, bootstrap=args.bootstrap, seed=args.seed,
             grid_images=args.grid_images, device=args.device, saliency=args.saliency,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # a run, directory or option that does not fit: exit 2
+        if full_error():
+            raise
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except Exception as err:  # a failure at run time: one message, exit 1, no traceback (trustcnn.cli)
+        report_failure(parser.prog, err, fix="give --out a writable directory" if isinstance(err, OSError) else None)
     print(format_markdown(result))
     print(f"\nWritten to {result['out_dir']}: evaluation.json, evaluation.md, saliency_comparison.png", file=sys.stderr)
 

@@ -74,7 +74,7 @@ LOCALIZATION = ("test/pointing_game", "test/energy_pointing_game", "test/energy_
 #: Metrics compared as paired per-seed differences against the loss=ce job (each only when present).
 PAIRED = ("test/acc", "test/energy_pointing_game", "test/pointing_game", "test/decoy_following_rate",
           "test_consistent/acc")
-_JOB_MARKERS = ("metrics.json", "error.json", "config.yaml", ".hydra/overrides.yaml")
+_JOB_MARKERS = ("metrics.json", "error.json", "duplicate.json", "config.yaml", ".hydra/overrides.yaml")
 _SKIP_DIRS = {".hydra", "checkpoints", "csv", "wandb", "evaluation"}
 
 
@@ -88,7 +88,9 @@ class JobResult:
         overrides: the job's command-line overrides, ``key -> value`` (keys keep Hydra's ``+``/``++``).
         config: :data:`KEY_CONFIG` values (``None`` where the config lacks the key, e.g. λ for ``loss=ce``).
         metrics: the job's ``metrics.json``.
-        status: ``"ok"`` (has metrics.json) or ``"failed"``.
+        status: ``"ok"`` (has metrics.json), ``"failed"``, or ``"duplicate"`` (``duplicate.json``: another job of
+            the sweep ran its configuration, which differs only in settings that do not apply to its loss;
+            ``extra["duplicate_of"]`` names that job).
         error: the error of a failed job (from ``error.json``, else why it counts as failed).
         test_size: test images the metrics were computed on, when known.
         extra: anything else read from the job directory (``cfg``: its loaded config, or ``None``).
@@ -218,8 +220,17 @@ def collect_sweep(sweep_dir: str | Path) -> list[JobResult]:
         elif error is None:
             error = "no metrics.json and no error.json: the job did not finish (still running, or killed)"
         status = "ok" if metrics and error is None else "failed"
+        extra: dict[str, Any] = {"cfg": cfg}
+        duplicate_file = job_dir / "duplicate.json"
+        if duplicate_file.exists() and not error_file.exists() and not metrics_file.exists():
+            try:
+                extra["duplicate_of"] = str((json.loads(duplicate_file.read_text()).get("duplicate_of") or {})
+                                            .get("job"))
+                status, error = "duplicate", None
+            except json.JSONDecodeError as err:
+                error = f"unreadable duplicate.json: {err}"
         jobs.append(JobResult(rel, job_dir, _job_num(job_dir, rel), overrides, config, metrics, status, error,
-                              extra={"cfg": cfg}))
+                              extra=extra))
     if not jobs:
         raise FileNotFoundError(f"No job directory under {sweep} (none holds metrics.json, error.json, config.yaml or "
                                 ".hydra/overrides.yaml); pass the sweep directory of `python -m trustcnn.train -m`.")
@@ -893,6 +904,10 @@ def write_report(
             :func:`selection_rule`); raised before anything is written.
     """
     jobs = collect_sweep(sweep_dir)
+    # A duplicate repeats another job's configuration (settings that do not apply to its loss): counted once,
+    # never as an extra seed.
+    duplicates = [j for j in jobs if j.status == "duplicate"]
+    jobs = [j for j in jobs if j.status != "duplicate"]
     metric, mode = selection_rule(jobs, metric, mode)
     ok = [j for j in jobs if j.ok]
     available = sorted({k for j in ok for k in j.metrics})
@@ -906,6 +921,11 @@ def write_report(
     _attach_test_sizes(jobs)
     files: dict[str, Path] = {"results.csv": write_results_csv(jobs, out / "results.csv")}
     notes: list[str] = []
+    if duplicates:
+        notes.append(f"Job(s) {_nums(duplicates)} repeat the configuration of job(s) "
+                     f"{', '.join(sorted({str(j.extra['duplicate_of']) for j in duplicates}, key=str))}: they differ "
+                     "only in settings that do not apply to their loss (e.g. λ or the ablation of loss=ce), so the "
+                     "sweep ran that configuration once; counted once here.")
     fallback = [j for j in ok if ranked[j.job][1] not in (None, metric)]
     if fallback:
         notes.append(f"Job(s) {_nums(fallback)} have no `{metric}` in metrics.json (made before runs recorded the "
@@ -1094,13 +1114,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m trustcnn.report``: write the report, print report.md, then its path and the paired differences."""
+    from trustcnn.cli import full_error, report_failure
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = write_report(args.sweep_dir, args.out, args.metric, args.mode, args.evaluate,
                               args.eval_max_images, not args.no_grid, args.device)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # a run, directory or option that does not fit: exit 2
+        if full_error():
+            raise
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except Exception as err:  # a failure at run time: one message, exit 1, no traceback (trustcnn.cli)
+        report_failure(parser.prog, err, fix="give --out a writable directory" if isinstance(err, OSError) else None)
     print(result["markdown"])
     # The headline comparison last, where a terminal leaves it in view.
     print(f"\nReport: {result['files']['report.md']}\n\n{result['paired_markdown']}")

@@ -13,21 +13,30 @@ the direction a sweeper optimizes ``optimized_metric`` in.
   :func:`trustcnn.checkpoints.metric_mode`, the rule of the checkpoint callback (registered on import of
   ``trustcnn``).
 
+* :func:`run_once`: jobs of one sweep that differ only in settings that do not apply to their loss (``loss.lam``
+  or ``ablation`` of ``loss=ce`` in ``-m loss=ce,trust loss.lam=0.5,0.9``) are one configuration: the first job
+  to claim it runs it, the others record ``duplicate.json`` (which job they repeat) and return its value. The
+  summary shows them as duplicates; the report counts the configuration once.
+
 ``python -m trustcnn.sweep <sweep dir>`` prints (and rewrites) the summary of a sweep directory at any time.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
+import os
 import logging
 import math
 import shlex
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
@@ -44,7 +53,11 @@ REFUSED = "refused.json"
 #: The finished job's ``.hydra`` files, saved before Hydra rewrites them for the rerun (restored on skip/refusal).
 PREVIOUS = Path(".hydra") / "previous"
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
-_JOB_MARKERS = ("metrics.json", "error.json", "config.yaml", ".hydra/overrides.yaml")
+#: Written by a job whose configuration another job of the sweep runs (:func:`run_once`).
+DUPLICATE = "duplicate.json"
+#: ``<sweep dir>/.claims/<hash of a configuration>.json``: the job that runs it (:func:`run_once`).
+CLAIMS = ".claims"
+_JOB_MARKERS = ("metrics.json", "error.json", DUPLICATE, "config.yaml", ".hydra/overrides.yaml")
 #: Keys that may differ between a finished job and its rerun without making the stored result another config's.
 IGNORED_KEYS = frozenset({"skip_finished"})
 COMMAND = "python -m trustcnn.train"
@@ -70,14 +83,17 @@ def register_resolvers() -> None:
 class Job:
     num: int | None
     path: str
-    status: str  # finished | failed | refused | unfinished
+    status: str  # finished | duplicate | failed | refused | unfinished
     overrides: list[str]
     value: float | None = None
     error: str | None = None
+    #: For a duplicate: the job number (or directory) of the job that ran its configuration.
+    duplicate_of: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.status == "finished"
+        """Finished, or a duplicate of a finished job (its value is that job's)."""
+        return self.status in ("finished", "duplicate")
 
 
 @dataclass
@@ -108,7 +124,7 @@ class Summary:
 
     @property
     def best(self) -> Job | None:
-        scored = [j for j in self.jobs if j.finished and j.value is not None and math.isfinite(j.value)]
+        scored = [j for j in self.jobs if j.status == "finished" and j.value is not None and math.isfinite(j.value)]
         if not scored:
             return None
         pick = max if self.direction == "maximize" else min
@@ -116,6 +132,9 @@ class Summary:
 
     def headline(self) -> str:
         parts = [f"{self.count('finished')} finished", f"{self.count('failed')} failed"]
+        if self.count("duplicate"):
+            parts.insert(1, f"{self.count('duplicate')} duplicate (settings that do not apply to their loss; "
+                            "run once)")
         if self.count("refused"):
             parts.append(f"{self.count('refused')} refused by skip_finished")
         parts.append(f"{self.count('unfinished')} did not finish")
@@ -123,7 +142,9 @@ class Summary:
 
     def _rows(self) -> list[tuple[str, str, str, str]]:
         shown = _shown_overrides(self.jobs)
-        return [(str(j.num if j.num is not None else j.path), j.status.upper() if not j.finished else j.status,
+        return [(str(j.num if j.num is not None else j.path),
+                 f"= job {j.duplicate_of}" if j.status == "duplicate" else
+                 j.status.upper() if not j.finished else j.status,
                  _fmt(j.value) if j.finished else "-", " ".join(shown[i]) or "-") for i, j in enumerate(self.jobs)]
 
     def to_text(self) -> str:
@@ -178,7 +199,8 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(ok=self.ok, counts={s: self.count(s) for s in ("finished", "failed", "refused", "unfinished")},
+        out.update(ok=self.ok, counts={s: self.count(s) for s in ("finished", "duplicate", "failed", "refused",
+                                                                    "unfinished")},
                    best_job=self.best.num if self.best else None)
         return out
 
@@ -256,6 +278,16 @@ def read_job(job_dir: Path, metric: str) -> Job:
     if (job_dir / "error.json").exists():
         error = (_read_json(job_dir / "error.json") or {}).get("error") or "unreadable error.json"
         return Job(num, str(job_dir), "failed", overrides, error=_one_line(error))
+    duplicate = _read_json(job_dir / DUPLICATE)
+    if duplicate is not None:
+        original = duplicate.get("duplicate_of") or {}
+        metrics = _read_json(Path(str(original.get("dir", ""))) / "metrics.json")
+        if metrics is None:
+            return Job(num, str(job_dir), "failed", overrides,
+                       error=f"duplicate of job {original.get('job')}, which has no metrics.json")
+        value = metrics.get(str(duplicate.get("optimized_metric") or metric))
+        return Job(num, str(job_dir), "duplicate", overrides, value=float(value) if value is not None else None,
+                   duplicate_of=str(original.get("job")))
     if (job_dir / "metrics.json").exists():
         metrics = _read_json(job_dir / "metrics.json")
         if metrics is None:
@@ -544,12 +576,102 @@ def skip_finished_job(cfg: DictConfig, output_dir: Path, job: str, overrides: Se
 def clear_results(output_dir: Path) -> None:
     """Remove the result files of an earlier run in ``output_dir`` before a job runs there again, so the
     directory never shows an old ``metrics.json`` next to a new ``error.json`` (or the reverse)."""
-    stale = [output_dir / n for n in ("metrics.json", "error.json", REFUSED) if (output_dir / n).exists()]
+    stale = [output_dir / n for n in ("metrics.json", "error.json", REFUSED, DUPLICATE) if (output_dir / n).exists()]
     if stale:
         log.info("Removing the results of an earlier run in %s: %s", output_dir, ", ".join(p.name for p in stale))
     for path in stale:
         path.unlink(missing_ok=True)
     shutil.rmtree(output_dir / PREVIOUS, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- run_once
+
+@dataclass
+class Original:
+    """The job that runs a configuration, as a duplicate job sees it."""
+
+    job: str
+    dir: str
+    value: float | None
+
+
+def canonical_config(cfg: DictConfig, output_dir: Path, not_applicable: dict[str, Any]) -> str:
+    """The configuration a job actually runs, as text: resolved, without the settings that do not apply to its
+    loss, with its own directory replaced by a placeholder (checkpoint paths hold it) and :data:`IGNORED_KEYS`
+    left out. Two jobs with the same text produce the same run."""
+    config = resolved(cfg)
+    for key in not_applicable:
+        head, _, leaf = key.rpartition(".")
+        node = config
+        for part in head.split(".") if head else []:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    for key in IGNORED_KEYS:
+        config.pop(key, None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return text.replace(str(Path(output_dir).resolve()), "<job dir>").replace(str(output_dir), "<job dir>")
+
+
+@contextmanager
+def run_once(cfg: DictConfig, output_dir: Path, sweep_dir: Path, job_num: Any,
+             not_applicable: dict[str, Any]) -> Iterator[Original | None]:
+    """Run each distinct configuration of a sweep once, also when its jobs run in parallel.
+
+    Yields ``None`` when this job runs its configuration (it holds the claim until the block ends), or the
+    :class:`Original` whose run it repeats: that job finished this configuration (waited for while it runs),
+    and this job writes ``duplicate.json`` instead of running.
+
+    The claim is ``<sweep dir>/.claims/<hash>.json``, made atomically (a locked file linked into place, so the
+    lock is held before any other job can see the claim); a job that finds it waits for the lock, i.e. for the
+    claiming job to end (or die: the lock goes with its process). If that job left no ``metrics.json`` (it
+    failed, or was killed), the waiting job takes the claim over and runs the configuration itself. A job that
+    finds its own claim from an earlier multirun (a rerun in place) runs again. Locks need a file system with
+    working ``flock`` (local disks, most cluster file systems).
+    """
+    claims = Path(sweep_dir) / CLAIMS
+    claims.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(canonical_config(cfg, output_dir, not_applicable).encode()).hexdigest()[:16]
+    claim = claims / f"{key}.json"
+    me = {"job": str(job_num), "dir": str(Path(output_dir).resolve())}
+    tmp = claims / f".{key}.{os.getpid()}.{job_num}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps(me).encode())
+        try:
+            os.link(tmp, claim)
+            mine = True
+        except FileExistsError:
+            mine = False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not mine:
+            os.close(fd)
+            fd = -1
+            fd = os.open(claim, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while the claiming job runs
+            owner = json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
+            metrics = _read_json(Path(owner.get("dir", "")) / "metrics.json") if owner.get("dir") else None
+            if owner.get("dir") != me["dir"] and metrics is not None:
+                value = sweeper_value(metrics, str(cfg.optimized_metric))
+                (Path(output_dir) / DUPLICATE).write_text(json.dumps({
+                    "duplicate_of": owner, "optimized_metric": str(cfg.optimized_metric), "value": value,
+                    "not_applicable": not_applicable,
+                    "why": "this job's configuration differs from that job's only in settings that do not apply "
+                           "to its loss; it was run once"}, indent=2, default=str))
+                log.info("Job %s: the same configuration as job %s (%s do not apply to loss=%s); not run again, "
+                         "%s = %s.", job_num, owner.get("job"), ", ".join(not_applicable) or "no settings",
+                         cfg.loss.name, cfg.optimized_metric, _fmt(value))
+                yield Original(str(owner.get("job")), str(owner.get("dir")), value)
+                return
+            # Our own claim (a rerun in place), or the claiming job left no result: this job runs it.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        yield None
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
 
 
 def sweeper_value(metrics: dict[str, Any], metric: str) -> float | None:

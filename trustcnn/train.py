@@ -6,17 +6,25 @@ optimized metric so sweepers can use it, and keeps a multirun going when one job
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python -m trustcnn.train`: the command line is handled by trustcnn.cli, which imports this module (and
+    # torch) only when a job runs, so --help, shell completion and config errors answer in a second.
+    from trustcnn.cli import train_main
+
+    train_main()
+    raise SystemExit(0)
+
+import inspect
 import json
 import logging
 import os
 import sys
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -28,7 +36,6 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from trustcnn.checkpoints import RUN_RECORD, check_test_checkpoint, metric_mode
-from trustcnn.config_check import UnknownConfigKeyError, check_overrides
 from trustcnn.launch import job_threads, resume_after_requeue
 from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
@@ -58,16 +65,39 @@ def instantiate_plain(config: Any, **kwargs: Any) -> Any:
         raise cause from None
 
 
-def build_loss(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -> Any:
-    """The loss object of ``loss.name`` with the ablation weights applied (trust losses only)."""
+def loss_options(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(loss name, options its class takes, settings given that it does not take)``.
+
+    The loss configs share one set of keys (null where a key does not apply, e.g. ``loss.lam`` of ``loss=ce``)
+    so one sweep can mix losses; a setting applies when the loss class takes it. The ablation weights apply
+    to the losses that take them; ``ablation`` is not applicable (by name) to one that takes none.
+    """
     options = OmegaConf.to_container(loss_cfg, resolve=True)
     name = options.pop("name")
     if name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}; use loss=ce, loss=trust or loss=trust_mask.")
-    if name != "ce" and ablation_cfg is not None:
+    takes = set(inspect.signature(LOSSES[name]).parameters)
+    used = {k: v for k, v in options.items() if k in takes}
+    not_applicable = {f"loss.{k}": v for k, v in options.items() if k not in takes and v is not None}
+    if ablation_cfg is not None:
         weights = OmegaConf.to_container(ablation_cfg, resolve=True)
-        weights.pop("name", None)
-        options.update(weights)
+        ablation = weights.pop("name", None)
+        if set(weights) <= takes:
+            used.update(weights)
+        else:
+            not_applicable["ablation"] = ablation
+    return name, used, not_applicable
+
+
+def not_applicable_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings of ``cfg`` that do not apply to its loss (recorded in ``run.json``; see :func:`loss_options`)."""
+    return loss_options(cfg.loss, cfg.get("ablation"))[2]
+
+
+def build_loss(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -> Any:
+    """The loss object of ``loss.name`` with the ablation weights applied (trust losses only); settings that do
+    not apply to the loss are left out (:func:`loss_options`)."""
+    name, options, _ = loss_options(loss_cfg, ablation_cfg)
     return LOSSES[name](**options)
 
 
@@ -216,6 +246,89 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines + best)
 
 
+#: One line per evaluated set of a datamodule (by class name), printed under the final table.
+SET_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "DecoyDigitsDataModule": {
+        "test": "random decoys: the corner patch's shade is drawn independently of the label, so accuracy here "
+                "comes from the digit alone; low accuracy (with a high decoy_following_rate) is the planted "
+                "shortcut at work",
+        "test_consistent": "the same test digits with label-consistent decoys, as in training: the shortcut still "
+                           "works here, so high accuracy says nothing about the digit",
+        "val": "validation split, label-consistent decoys as in training (what checkpoints and sweeps rank by)",
+    },
+}
+
+
+def _masks_of(batch: Any) -> torch.Tensor:
+    """The masks of an ``(images, labels, masks)`` batch as ``(N, 1, H, W)`` booleans."""
+    masks = batch[2]
+    return (masks if masks.dim() == 4 else masks[:, None]).bool()
+
+
+def _tested_images(n: int, batch_size: int, limit: Any) -> int:
+    """How many of a test set's ``n`` images a ``trainer.limit_test_batches`` of ``limit`` tests."""
+    if limit is None or isinstance(limit, bool):
+        return n
+    if isinstance(limit, int):
+        return min(n, limit * batch_size)
+    return min(n, int(-(-n // batch_size) * float(limit)) * batch_size)
+
+
+def chance_levels(datamodule: pl.LightningDataModule, tolerance: int, limit: Any = None) -> dict[str, float]:
+    """What a map with no information scores on each test set, from its masks (the images the test used):
+
+    * ``<set>/energy_pointing_game_chance``: the mean share of the image the mask covers (a uniform map's
+      energy inside the mask);
+    * ``<set>/pointing_game_chance``: the mean share of pixels within ``tolerance`` px of the mask (the mask
+      dilated by the pointing game's disk), i.e. the chance that a uniformly random point scores a hit.
+
+    Images with an empty mask are left out, as the pointing games leave them out.
+    """
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    if datamodule.test_sets is None:
+        datamodule.setup("test")
+    r = torch.arange(-tolerance, tolerance + 1)
+    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= tolerance * tolerance).float()[None, None]
+    out: dict[str, float] = {}
+    for name, dataset in zip(datamodule.test_set_names, datamodule.test_sets):
+        n = _tested_images(len(dataset), datamodule.batch_size, limit)
+        area, near, count = 0.0, 0.0, 0
+        seen = 0
+        for batch in DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False):
+            masks = _masks_of(batch)[: n - seen].float()
+            seen += len(masks)
+            nonempty = masks.flatten(1).any(1)
+            widened = F.conv2d(masks, disk, padding=tolerance) > 0.5 if tolerance > 0 else masks.bool()
+            area += float(masks.flatten(1).mean(1)[nonempty].sum())
+            near += float(widened.float().flatten(1).mean(1)[nonempty].sum())
+            count += int(nonempty.sum())
+            if seen >= n:
+                break
+        if count:
+            out[f"{name}/energy_pointing_game_chance"] = area / count
+            out[f"{name}/pointing_game_chance"] = near / count
+    return out
+
+
+def reading_guide(metrics: dict[str, float], datamodule: pl.LightningDataModule, tolerance: int) -> str:
+    """Lines under the final table: what each evaluated set is, and what a map (or a guess) with no
+    information would score, so a number can be told good or bad."""
+    notes = SET_DESCRIPTIONS.get(type(datamodule).__name__, {})
+    sets = sorted({k.split("/", 1)[0] for k in metrics if "/" in k and not k.startswith("best_")})
+    lines = [f"{name}: {notes[name]}." for name in sets if name in notes]
+    chance = [f"accuracy {1 / datamodule.num_classes:.4f} (a guess among {datamodule.num_classes} classes)"]
+    main = datamodule.test_set_names[0]
+    if f"{main}/pointing_game_chance" in metrics:
+        chance += [f"energy_pointing_game {metrics[f'{main}/energy_pointing_game_chance']:.4f} (the share of "
+                   "the image the mask covers)",
+                   f"pointing_game {metrics[f'{main}/pointing_game_chance']:.4f} (the chance that a uniformly "
+                   f"random point lies within {tolerance} px of the mask)"]
+    lines.append(f"No information scores, on {main}: " + "; ".join(chance) + ".")
+    return "\n".join(lines)
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit and test one configuration; write checkpoints, ``metrics.json`` and ``saliency_grid.png``
     into ``cfg.paths.output_dir``.
@@ -304,7 +417,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
         spec["data"]["batch_size"] = global_batch = datamodule.batch_size * trainer.world_size
         with datamodule.batch_size_set_to(global_batch):
             pretrained = ensure_pretrained(model, datamodule, spec, pre.cache_dir, epochs=pre.epochs, lr=pre.lr,
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, progress=bool(cfg.trainer.get("enable_progress_bar", True))
+                                           and trainer.is_global_zero)
     else:
         pretrained = None
     module = build_module(cfg, model, loss, datamodule)
@@ -334,6 +448,9 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
                                 if k.split("/", 1)[-1] in FINAL_METRICS})
             for name, preds in module.test_predictions.items():
                 metrics.update({f"{name}/{k}": v for k, v in datamodule.prediction_metrics(name, torch.cat(preds)).items()})
+            if datamodule.has_masks:  # what a map with no information scores, from the test masks themselves
+                metrics.update(chance_levels(datamodule, cfg.get("pointing_tolerance", 15),
+                                             cfg.trainer.get("limit_test_batches")))
             # Under DDP every rank holds the same metrics (synced; the predictions gathered in loader order),
             # and only rank 0 writes files (checkpoints are Lightning's, rank 0 too).
             if trainer.is_global_zero:
@@ -341,7 +458,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
                 save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
         if trainer.is_global_zero:
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n")
+            print(f"\nFinal metrics ({output_dir}):\n{format_table(metrics)}\n\n"
+                  f"{reading_guide(metrics, datamodule, cfg.get('pointing_tolerance', 15))}\n")
         failed = False
     finally:
         finish_loggers(loggers, failed)
@@ -359,6 +477,8 @@ def write_run_record(cfg: DictConfig, output_dir: Path, tested: Path, summary: d
         "tested_step": summary["step"],
         "optimized_metric": cfg.optimized_metric,
         "optimized_mode": metric_mode(cfg.optimized_metric, monitor_cfg.get("mode")),
+        # Settings given that do not apply to the loss (e.g. loss.lam of loss=ce): not used by this run.
+        "not_applicable": not_applicable_settings(cfg),
     }
     path = output_dir / RUN_RECORD
     path.write_text(json.dumps(record, indent=2))
@@ -389,14 +509,17 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
     }, indent=2))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the value of ``cfg.optimized_metric`` at the tested checkpoint for sweepers.
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job (``trustcnn.cli.train_task``); returns the value of ``cfg.optimized_metric`` at the tested
+    checkpoint for sweepers.
 
     In a multirun a failed job leaves ``error.json`` and returns ``None`` (Optuna marks the trial failed and
     goes on; the summary at the end lists it and the exit status is 1); a single run raises. With
     ``skip_finished=true`` a job whose directory holds a finished run of the same resolved config returns that
-    run's value without training (:func:`trustcnn.sweep.skip_finished_job`).
+    run's value without training (:func:`trustcnn.sweep.skip_finished_job`). In a multirun, a job whose
+    configuration another job of the sweep already runs (it differs only in settings that do not apply to its
+    loss, e.g. ``loss.lam`` of ``loss=ce``) is not run again: it records which job it repeats and returns that
+    job's value (:func:`trustcnn.sweep.run_once`).
     """
     from trustcnn import sweep
 
@@ -416,43 +539,37 @@ def hydra_main(cfg: DictConfig) -> float | None:
             return value
     sweep.clear_results(output_dir)
     try:
-        metrics, _ = train(cfg)
+        not_applicable = not_applicable_settings(cfg)
     except Exception as err:
         _record_failure(cfg, err)
         if not multirun:
             raise
-        # One failing job must not stop the rest of the sweep.
-        log.error("Job %s failed: %s: %s (details in %s/error.json)", hc.job.num,
-                  type(err).__name__, err, cfg.paths.output_dir)
+        log.error("Job %s failed: %s: %s", hc.job.num, type(err).__name__, err)
         return None
+    if not_applicable:
+        log.info("Not applicable to loss=%s, so not used: %s", cfg.loss.name,
+                 ", ".join(f"{k}={v}" for k, v in not_applicable.items()))
+    once = sweep.run_once(cfg, output_dir, Path(hc.sweep.dir), hc.job.num, not_applicable) if multirun \
+        else nullcontext()
+    with once as original:
+        if original is not None:  # another job of this sweep ran this configuration
+            return original.value
+        try:
+            metrics, _ = train(cfg)
+        except Exception as err:
+            _record_failure(cfg, err)
+            if not multirun:
+                raise
+            # One failing job must not stop the rest of the sweep.
+            log.error("Job %s failed: %s: %s (details in %s/error.json)", hc.job.num,
+                      type(err).__name__, err, cfg.paths.output_dir)
+            return None
     # The tested model's validation value (not the best epoch's), so a sweeper ranks what is published.
     return sweep.sweeper_value(metrics, cfg.optimized_metric)
 
 
 def main() -> None:
-    """``python -m trustcnn.train``: check the overrides, then hand over to Hydra.
+    """``python -m trustcnn.train``: :func:`trustcnn.cli.train_main` (kept here for the ``trustcnn-train`` script)."""
+    from trustcnn.cli import train_main
 
-    After a multirun the exit status is 1 when a job failed (or did not finish): the ``SweepSummary``
-    callback, which prints the summary in this process whichever launcher ran the jobs, keeps the verdict.
-    When Hydra stops a multirun early (an error, Ctrl-C), the summary of the sweep directory so far is
-    printed before the error propagates.
-    """
-    from trustcnn import sweep
-
-    try:
-        check_overrides(sys.argv[1:])
-    except UnknownConfigKeyError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sweep.reset()
-    try:
-        hydra_main()
-    except BaseException:
-        sweep.summarize_stopped_multirun()
-        raise
-    if sweep.exit_code():
-        sys.exit(sweep.exit_code())
-
-
-if __name__ == "__main__":
-    main()
+    train_main()
