@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,36 @@ import pytorch_lightning as pl
 import torch
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 32-bit seed for ``epoch`` of a run seeded with ``seed``; distinct pairs give unrelated streams
-    (``seed + epoch`` would make run 1's epoch 0 replay run 0's epoch 1)."""
-    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A 32-bit seed for ``epoch`` (and e.g. a batch of it) of a run seeded with ``seed``; distinct tuples
+    give unrelated streams (``seed + epoch`` would make run 1's epoch 0 replay run 0's epoch 1)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), *map(int, more)]).generate_state(1)[0])
+
+
+def _seed_everything(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # also seeds every CUDA device
+
+
+def batches_done(checkpoint: dict[str, Any]) -> int:
+    """How many training batches of its epoch a checkpoint's weights include, as Lightning counts them when
+    it resumes: 0 for a checkpoint written at an epoch's end. One written inside ``on_train_batch_end``
+    (Lightning's SLURM handler saving on the requeue signal) holds that batch's step, which Lightning then
+    counts as done."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    total, current = progress.get("total", {}), progress.get("current", {})
+    done = int(current.get("completed", 0))
+    if total and total.get("ready") == total.get("started") == total.get("processed") == total.get("completed", 0) + 1:
+        done += 1
+    epoch = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    if epoch and epoch.get("processed", 0) > epoch.get("completed", 0):
+        return 0  # the epoch's batches all ran (checkpoint at its end): the next one starts afresh
+    return done
 
 
 class EpochSeed(pl.Callback):
-    """Re-seed Python, NumPy and torch (CPU and CUDA) at the start of every training epoch.
+    """Re-seed Python, NumPy and torch (CPU and CUDA) at the start of every training epoch and batch.
 
     Lightning restores weights, optimizer, loops and callbacks from a checkpoint, but not the random
     number generators, so a run resumed from ``last.ckpt`` would shuffle its data and draw its dropout
@@ -27,16 +50,32 @@ class EpochSeed(pl.Callback):
     epoch ``e`` of both identical. The training data's order is a function of ``(seed, epoch)`` by itself
     (``EpochShuffleSampler``). Exact with ``num_workers=0``; with worker processes, random augmentations
     drawn inside the workers follow the workers' own seeds, which a resumed run does not replay.
+
+    Each batch is seeded from ``(seed, epoch, batch)`` as well, so a run resumed from a checkpoint written
+    in the middle of an epoch (a preempted SLURM job's ``hpc_ckpt_*.ckpt``) draws the same dropout masks
+    for the rest of it; on loading such a checkpoint the datamodule is told how many batches of the epoch
+    are done, and its sampler starts the epoch after them.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        s = epoch_seed(self.seed, trainer.current_epoch)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)  # also seeds every CUDA device
+        _seed_everything(epoch_seed(self.seed, trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        _seed_everything(epoch_seed(self.seed, trainer.current_epoch, batch_idx))
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        done = batches_done(checkpoint)
+        datamodule = getattr(trainer, "datamodule", None)
+        if done and datamodule is not None and hasattr(datamodule, "resume_within_epoch"):
+            datamodule.resume_within_epoch(int(checkpoint.get("epoch", 0)), done)
+            # Lightning warns that a mid-epoch resume with a plain DataLoader replays batches; the sampler
+            # now starts after the batches done, so that warning would be wrong here.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):

@@ -10,7 +10,8 @@ editable install of this project cannot add to (hydra#2359), so nothing here sub
 In the job, :func:`job_threads` caps the torch threads and data-loader workers at :func:`job_cpu_share`,
 read from the job's own Hydra config: joblib's ``n_jobs``, submitit's ``cpus_per_task``, the CPUs Ray
 assigned to the task. :func:`resume_after_requeue` makes a job that SLURM restarted (preempted, or
-requeued by submitit at its time limit) go on from its own ``checkpoints/last.ckpt``.
+requeued by submitit at its time limit) go on from its own newest checkpoint (``checkpoints/last.ckpt``,
+or the mid-epoch one Lightning's SLURM handler wrote on the requeue signal).
 
 GPUs: Ray (``num_gpus`` per task) and SLURM (``gpus_per_node``) give each job its own GPU(s) and set its
 ``CUDA_VISIBLE_DEVICES``. Submitit's *local* executor does not: every job gets GPUs ``0..gpus_per_node-1``
@@ -190,24 +191,33 @@ def _resumed_from(config_file: Path) -> str | None:
     return None if value is None else str(value)
 
 
-def resume_after_requeue(cfg: DictConfig) -> Path | None:
-    """Go on from this job's own ``checkpoints/last.ckpt`` when SLURM restarted the job.
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest of a run's ``checkpoints/last.ckpt`` (end of its latest epoch) and the mid-epoch
+    ``hpc_ckpt_<n>.ckpt`` files that Lightning's SLURM handler writes into the run directory (its
+    ``default_root_dir``) when the job gets the requeue signal (``SIGUSR1``); ``None`` if it has neither."""
+    found = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
-    SLURM sets ``SLURM_RESTART_COUNT`` (> 0) in a job it requeued: preempted, or requeued by submitit at
-    its time limit. Submitit runs the same job again, in the same job directory (same sweep directory
-    and job number), so its ``last.ckpt`` (the end of its latest finished epoch; Lightning writes it
+
+def resume_after_requeue(cfg: DictConfig) -> Path | None:
+    """Go on from this job's own latest checkpoint when SLURM restarted the job.
+
+    SLURM sets ``SLURM_RESTART_COUNT`` (> 0) in a job it requeued: preempted, requeued by submitit at its
+    time limit, or by Lightning's handler of the requeue signal. The same job runs again in the same job
+    directory (same sweep directory and job number), so its newest checkpoint (:func:`latest_checkpoint`:
+    ``last.ckpt``, or the mid-epoch ``hpc_ckpt_<n>.ckpt`` the signal handler wrote; Lightning writes both
     atomically) is where to go on. Then ``cfg.ckpt_path`` is set to it (any other ``ckpt_path`` was the
-    starting point of the first attempt, which ``last.ckpt`` already continues) and the file returned.
-    Otherwise nothing changes: a first attempt, no SLURM, no epoch finished yet, or a ``last.ckpt`` older
-    than the directory's ``config.yaml`` (written when the previous attempt started) that the previous
-    attempt did not resume from either: an earlier run's, in a reused directory.
+    starting point of the first attempt, which that checkpoint already continues) and the file returned.
+    Otherwise nothing changes: a first attempt, no SLURM, no checkpoint yet, or one older than the
+    directory's ``config.yaml`` (written when the previous attempt started) that the previous attempt did
+    not resume from either: an earlier run's, in a reused directory.
     """
     if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
     output_dir = Path(cfg.paths.output_dir)
-    last, started = output_dir / "checkpoints" / "last.ckpt", output_dir / "config.yaml"
-    if not last.is_file():
-        log.warning("SLURM restarted this job (SLURM_RESTART_COUNT=%s) before its first epoch ended: starting over.",
+    last, started = latest_checkpoint(output_dir), output_dir / "config.yaml"
+    if last is None:
+        log.warning("SLURM restarted this job (SLURM_RESTART_COUNT=%s) before it saved a checkpoint: starting over.",
                     os.environ["SLURM_RESTART_COUNT"])
         return None
     if started.is_file() and last.stat().st_mtime < started.stat().st_mtime and _resumed_from(started) != str(last):
@@ -222,4 +232,4 @@ def resume_after_requeue(cfg: DictConfig) -> Path | None:
 
 
 __all__ = ["LAUNCHER_OPTIONS", "available_cpus", "data_workers_can_start", "job_cpu_share", "job_threads",
-           "quiet_schema_warning", "ray_cpus_per_job", "resolve_n_jobs", "resume_after_requeue", "visible_gpus"]
+           "latest_checkpoint", "quiet_schema_warning", "ray_cpus_per_job", "resolve_n_jobs", "resume_after_requeue", "visible_gpus"]

@@ -352,15 +352,21 @@ class EpochShuffleSampler(DistributedSampler):
 
     It is a ``DistributedSampler`` only so that Lightning (``use_distributed_sampler=True``) leaves it
     alone instead of sharding it a second time; none of the parent's sampling is used.
+
+    ``resume_at=(epoch, k)``: a run resumed from a checkpoint written ``k`` indices (of this rank) into
+    ``epoch`` (a preempted job's mid-epoch checkpoint) gets the rest of that epoch's order, once; ``__len__``
+    stays the full epoch's, as Lightning counts the batches already done itself.
     """
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1,
+                 resume_at: tuple[int, int] | None = None) -> None:
         _check_shard(rank, world_size)
         self.n, self.seed, self.epoch = int(n), int(seed), 0
         self.rank, self.num_replicas = int(rank), int(world_size)
         self.shuffle, self.drop_last = True, False
         self.num_samples = -(-self.n // self.num_replicas)  # per rank, after padding
         self.total_size = self.num_samples * self.num_replicas
+        self.resume_at = resume_at
 
     def global_order(self) -> list[int]:
         """The order of one process (``world_size = 1``) for the current epoch, before sharding."""
@@ -369,11 +375,14 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self):
         order = self.global_order()
-        if self.num_replicas == 1:
-            return iter(order)
-        padding = self.total_size - self.n
-        order += (order * (padding // max(self.n, 1) + 1))[:padding]
-        return iter(order[self.rank :: self.num_replicas])
+        if self.num_replicas > 1:
+            padding = self.total_size - self.n
+            order += (order * (padding // max(self.n, 1) + 1))[:padding]
+            order = order[self.rank :: self.num_replicas]
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            order = order[self.resume_at[1]:]
+        self.resume_at = None  # only the epoch the run resumed in
+        return iter(order)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -557,7 +566,10 @@ class BaseDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for data loaders")
         rank, world_size = self._shard() if shard else (0, 1)
         if train:
-            sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world_size)
+            resume_at = getattr(self, "_resume_within_epoch", None)
+            if resume_at is not None:
+                resume_at = (resume_at[0], resume_at[1] * self.batch_size)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world_size, resume_at=resume_at)
         else:
             sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
         return DataLoader(
@@ -573,6 +585,11 @@ class BaseDataModule(pl.LightningDataModule):
             # Each DDP rank's workers get their own stream (rank 0 keeps the one-process seed).
             generator=torch.Generator().manual_seed(_rank_seed(self.seed, rank)) if train else None,
         )
+
+    def resume_within_epoch(self, epoch: int, batches: int) -> None:
+        """The run resumes from a checkpoint written after ``batches`` training batches (of this process)
+        of ``epoch``: the next training loader starts that epoch after them (:class:`EpochShuffleSampler`)."""
+        self._resume_within_epoch = (int(epoch), int(batches))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
