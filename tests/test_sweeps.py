@@ -99,7 +99,8 @@ def test_summary_reads_job_dirs_and_prints_rerun_commands(tmp_path: Path, capsys
     assert "4 jobs: 2 finished, 1 failed, 1 did not finish" in out
     assert "ValueError: loss.lam must lie in [0, 1]" in out and "Best: job 2, val/acc = 0.7000" in out
     saved = json.loads((sweep_dir / "summary.json").read_text())
-    assert saved["counts"] == {"finished": 2, "failed": 1, "refused": 0, "unfinished": 1} and saved["ok"] is False
+    assert saved["counts"] == {"finished": 2, "duplicate": 0, "failed": 1, "refused": 0,
+                              "unfinished": 1} and saved["ok"] is False
     md = (sweep_dir / "summary.md").read_text()
     assert "| 1 | FAILED | - | optim.lr=0.1 loss.lam=1.5 | ValueError: loss.lam must lie in [0, 1] |" in md
     assert f"hydra.run.dir={sweep_dir.resolve() / '10'}" in md
@@ -151,10 +152,11 @@ def test_sweeper_value_is_none_for_a_missing_or_nan_metric() -> None:
 
 @pytest.fixture(scope="module")
 def failed_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """A real 2-job multirun of the tiny default config in which job 1 (λ = 1.5) fails."""
+    """A real 2-job multirun of the tiny default config in which job 1 (momentum -1) fails when its optimizer is
+    built (a bad loss.lam would be refused on the command line, before any job)."""
     root = tmp_path_factory.mktemp("failed_sweep")
     sweep_dir = root / "sweep"
-    result = _cli("-m", "loss.lam=0.5,1.5", *TINY, f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}",
+    result = _cli("-m", "optim.momentum=0.9,-1", *TINY, f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}",
                   cwd=root)
     return sweep_dir, result
 
@@ -165,14 +167,14 @@ def test_multirun_with_a_failed_job_prints_summary_and_exits_1(failed_sweep) -> 
     out = result.stdout
     assert "2 jobs: 1 finished, 1 failed, 0 did not finish" in out
     summary = out[out.index("Sweep summary:"):]
-    assert "1    FAILED" in summary and "loss.lam must lie in [0, 1]" in summary
+    assert "1    FAILED" in summary and "Invalid momentum value" in summary
     [in_place] = _printed_commands(summary, "Rerun the 1 job(s)")
-    assert in_place[0] == "-m" and "loss.lam=0.5,1.5" in in_place and in_place[-1] == "skip_finished=true"
+    assert in_place[0] == "-m" and "optim.momentum=0.9,-1" in in_place and in_place[-1] == "skip_finished=true"
     [alone] = _printed_commands(summary, "Or each of them alone")
-    assert "loss.lam=1.5" in alone and f"hydra.run.dir={sweep_dir.resolve() / '1'}" in alone
+    assert "optim.momentum=-1" in alone and f"hydra.run.dir={sweep_dir.resolve() / '1'}" in alone
     saved = json.loads((sweep_dir / "summary.json").read_text())
     assert saved["counts"]["failed"] == 1 and saved["jobs"][1]["num"] == 1
-    assert "loss.lam must lie in [0, 1]" in (sweep_dir / "summary.md").read_text()
+    assert "Invalid momentum value" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "0" / "metrics.json").exists() and (sweep_dir / "1" / "error.json").exists()
 
 
@@ -194,15 +196,15 @@ def test_rerun_with_other_job_numbers_is_refused(failed_sweep, tmp_path: Path) -
     sweep_dir, first = failed_sweep
     finished = sweep_dir / "0" / "metrics.json"
     before = finished.stat().st_mtime_ns
-    result = _cli("-m", "loss.lam=0.6,1.5", *TINY, *[a for a in first.args if a.startswith("paths.cache_dir=")],
+    result = _cli("-m", "optim.momentum=0.8,-1", *TINY, *[a for a in first.args if a.startswith("paths.cache_dir=")],
                   f"hydra.sweep.dir={sweep_dir}", "skip_finished=true", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "Job 0 refused" in result.stdout and "loss.lam: 0.5 there, 0.6 here" in result.stdout
+    assert "Job 0 refused" in result.stdout and "optim.momentum: 0.9 there, 0.8 here" in result.stdout
     assert "1 refused by skip_finished" in result.stdout
     assert finished.stat().st_mtime_ns == before
-    assert "loss.lam=0.5" in (sweep_dir / "0" / ".hydra" / "overrides.yaml").read_text()  # left as it was
+    assert "optim.momentum=0.9" in (sweep_dir / "0" / ".hydra" / "overrides.yaml").read_text()  # left as it was
     [made_by] = _printed_commands(result.stdout, "The command line that made this sweep directory")
-    assert "loss.lam=0.5,1.5" in made_by and "skip_finished=true" in made_by
+    assert "optim.momentum=0.9,-1" in made_by and "skip_finished=true" in made_by
 
 
 def test_single_run_failure_still_raises(failed_sweep, tmp_path: Path) -> None:
@@ -211,22 +213,23 @@ def test_single_run_failure_still_raises(failed_sweep, tmp_path: Path) -> None:
     [alone] = _printed_commands(first.stdout[first.stdout.index("Sweep summary:"):], "Or each of them alone")
     result = _cli(*alone, cwd=tmp_path)
     assert result.returncode == 1
-    assert "loss.lam must lie in [0, 1]" in result.stderr and "Sweep summary" not in result.stdout
-    assert "loss.lam must lie in [0, 1]" in json.loads((sweep_dir / "1" / "error.json").read_text())["error"]
+    assert "Invalid momentum value" in result.stderr and "Sweep summary" not in result.stdout
+    assert "Invalid momentum value" in json.loads((sweep_dir / "1" / "error.json").read_text())["error"]
 
 
 def test_optuna_search_goes_on_after_a_failed_trial(tmp_path: Path, cache_dir: Path) -> None:
-    """4 TPE trials (seed 0) over the config's log-uniform optim.lr and, from the command line, λ ∈ {0.5, 0.9, 1.5}:
-    the trial with λ = 1.5 fails, the study goes on, and the best value is the largest val/acc (maximize)."""
+    """4 TPE trials (seed 0) over the config's log-uniform optim.lr and, from the command line, momentum ∈
+    {0.5, 0.9, -1}: a trial with momentum -1 fails, the study goes on, and the best value is the largest val/acc
+    (maximize)."""
     sweep_dir = tmp_path / "optuna"
-    result = _cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4", "loss.lam=choice(0.5,0.9,1.5)", *TINY,
+    result = _cli("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=4", "optim.momentum=choice(0.5,0.9,-1)", *TINY,
                   f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert [p.name for p in jobs] == ["0", "1", "2", "3"], result.stderr[-3000:]
-    lams = [OmegaConf.load(p / "config.yaml").loss.lam for p in jobs]
-    failed = [p for p, lam in zip(jobs, lams) if lam == 1.5]
-    finished = [p for p, lam in zip(jobs, lams) if lam != 1.5]
-    assert failed and len(finished) >= 2, lams  # seed 0 draws both kinds
+    momenta = [OmegaConf.load(p / "config.yaml").optim.momentum for p in jobs]
+    failed = [p for p, m in zip(jobs, momenta) if m == -1]
+    finished = [p for p, m in zip(jobs, momenta) if m != -1]
+    assert failed and len(finished) >= 2, momenta  # seed 0 draws both kinds
     assert all((p / "error.json").exists() for p in failed) and all((p / "metrics.json").exists() for p in finished)
     assert result.returncode == 1  # a trial failed
     lrs = [OmegaConf.load(p / "config.yaml").optim.lr for p in jobs]
@@ -236,7 +239,7 @@ def test_optuna_search_goes_on_after_a_failed_trial(tmp_path: Path, cache_dir: P
     assert max(values) > min(values), values  # else the best value could not tell maximize from minimize
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert results.best_value == pytest.approx(max(values))
-    assert set(results.best_params) == {"optim.lr", "loss.lam"}
+    assert set(results.best_params) == {"optim.lr", "loss.lam", "optim.momentum"}
     saved = json.loads((sweep_dir / "summary.json").read_text())
     assert saved["direction"] == "maximize" and saved["counts"]["failed"] == len(failed)
     assert saved["counts"]["finished"] == len(finished)

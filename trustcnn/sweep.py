@@ -6,7 +6,7 @@ the direction a sweeper optimizes ``optimized_metric`` in.
   failed, ``refused.json``: refused by ``skip_finished``, none: did not finish), so it works with every
   launcher, including those that run jobs in other processes or on other machines. It prints the summary,
   writes ``<sweep dir>/summary.md`` and ``summary.json``, and keeps it for :func:`exit_code`, which
-  ``trustcnn.train.main`` turns into the exit status (Hydra discards the return value of ``hydra.main``).
+  ``trustcnn.cli.train_main`` turns into the exit status (Hydra discards the return value of ``hydra.main``).
 * ``skip_finished=true`` (see :func:`skip_finished_job`): a job whose directory already holds a finished
   run of the same resolved configuration returns that run's value instead of training again.
 * ``${trustcnn.direction:<metric>[,<mode>]}`` resolves to ``maximize`` or ``minimize`` by
@@ -409,7 +409,7 @@ def exit_code() -> int:
 
 
 def summarize_stopped_multirun() -> None:
-    """For ``trustcnn.train.main`` when Hydra stopped with an error or an interrupt: if a multirun had started
+    """For ``trustcnn.cli.train_main`` when Hydra stopped with an error or an interrupt: if a multirun had started
     and its summary was not made, print and write it now (the sweep directory's state at that moment)."""
     if _STATE.config is None or _STATE.summary is not None:
         return
@@ -597,9 +597,12 @@ class Original:
 
 def canonical_config(cfg: DictConfig, output_dir: Path, not_applicable: dict[str, Any]) -> str:
     """The configuration a job actually runs, as text: resolved, without the settings that do not apply to its
-    loss, with its own directory replaced by a placeholder (checkpoint paths hold it) and :data:`IGNORED_KEYS`
-    left out. Two jobs with the same text produce the same run."""
+    loss (``not_applicable``, and the null loss settings, which the loss configs use for "does not apply"),
+    with its own directory replaced by a placeholder (checkpoint paths hold it) and :data:`IGNORED_KEYS` left
+    out. Two jobs with the same text produce the same run."""
     config = resolved(cfg)
+    if isinstance(config.get("loss"), dict):
+        config["loss"] = {k: v for k, v in config["loss"].items() if v is not None}
     for key in not_applicable:
         head, _, leaf = key.rpartition(".")
         node = config
