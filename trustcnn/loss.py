@@ -1,11 +1,22 @@
-"""The composite losses of the paper (DESIGN §1), each term returned separately for logging.
+"""The composite losses of the paper (DESIGN §1) and their peers, each term returned separately for logging.
 
-Every loss is called as ``loss(logits, labels, maps[, masks])`` and returns a dict of tensors:
-``loss`` (the scalar to minimize) and its terms, each the batch mean of the per-sample term.
+Every loss is called as ``loss(logits, labels, maps[, masks][, inputs=x])`` and returns a dict of tensors:
+``loss`` (the scalar to minimize) and its terms, each the batch mean of the per-sample term. A loss says
+what it needs: ``needs_maps`` (the in-step saliency maps), ``needs_masks`` (ground-truth object masks) and
+``needs_inputs`` (the input images, with ``requires_grad``, that ``logits`` were computed from: the loss
+differentiates through them, so the feature cache cannot serve it).
+
+Peers of the paper's loss (the established explanation penalties, compared in the shortcut study):
+
+* ``rrr``: "Right for the Right Reasons" (Ross, Hughes & Doshi-Velez 2017);
+* ``cam_outside``: the share of the saliency map's energy outside the object mask (attention supervision).
+
+Their strength is ``weight`` ∈ (0, ∞); λ's [0, 1] range is a rule of the trust losses only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -57,14 +68,33 @@ def _check_unit_range(maps: torch.Tensor, name: str, tol: float = 1e-4) -> None:
         )
 
 
+def _check_weight(weight: float) -> float:
+    weight = float(weight)
+    if not (weight > 0.0 and math.isfinite(weight)):  # also rejects NaN
+        raise ValueError(f"loss.weight must be a positive finite number (the penalty's strength), got {weight}; "
+                         "set e.g. loss.weight=1.")
+    return weight
+
+
+def _check_masks(masks: torch.Tensor | None, n: int, loss: str) -> torch.Tensor:
+    if masks is None or masks.numel() == 0:
+        raise ValueError(f"loss={loss} needs ground-truth masks, but this data has none; "
+                         "use a data config with masks (decoy_digits, oxford_pet) or loss=trust.")
+    masks = masks if masks.dim() == 3 else masks.squeeze(1)
+    _check_maps(masks, n, "masks")
+    _check_unit_range(masks, "Masks")
+    return masks
+
+
 class CrossEntropyLoss:
     """The baseline (eq. 1): plain mean cross-entropy. Ignores the maps."""
 
     needs_maps = False
     needs_masks = False
+    needs_inputs = False
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor | None = None,
-                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 masks: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = _at_least_float32(logits)
         _check_logits(logits, labels)
         ce = F.cross_entropy(logits, labels)
@@ -99,6 +129,7 @@ class TrustLoss:
 
     needs_maps = True
     needs_masks = False
+    needs_inputs = False
 
     def __init__(self, lam: float = 0.9, form: LossForm = "paper", w1: float = 1.0, w2: float = 1.0,
                  w_s: float = 1.0, scale_by_classes: bool = True, clamp_ce: bool = True) -> None:
@@ -129,7 +160,7 @@ class TrustLoss:
                 "r1": r1.mean(), "r2": r2.mean()}
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
-                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 masks: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits, maps = _at_least_float32(logits), _at_least_float32(maps)
         _check_logits(logits, labels)
         _check_maps(maps, logits.shape[0])
@@ -162,17 +193,12 @@ class MaskTrustLoss(TrustLoss):
         self.eps = eps
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
-                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 masks: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits, maps = _at_least_float32(logits), _at_least_float32(maps)
         _check_logits(logits, labels)
         _check_maps(maps, logits.shape[0])
         _check_unit_range(maps, "Saliency maps")
-        if masks is None or masks.numel() == 0:
-            raise ValueError("loss=trust_mask needs ground-truth masks, but this data has none; "
-                             "use a data config with masks (decoy_digits, oxford_pet) or loss=trust.")
-        masks = masks if masks.dim() == 3 else masks.squeeze(1)
-        _check_maps(masks, logits.shape[0], "masks")
-        _check_unit_range(masks, "Masks")
+        masks = _check_masks(masks, logits.shape[0], "trust_mask")
         pwce = _pixelwise_bce(maps, masks, self.eps)
         ce, c = self._scaled_ce(logits, labels)
         terms = self._combine(ce, c, pwce, pwce.clamp(0.0, 1.0))
@@ -206,4 +232,86 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
 
 
-LOSSES: dict[str, type] = {"ce": CrossEntropyLoss, "trust": TrustLoss, "trust_mask": MaskTrustLoss}
+class CamOutsideLoss:
+    """Cross-entropy plus ``weight`` × the share of the saliency map's energy outside the object mask.
+
+    Per sample, with the map ``L ≥ 0`` and the mask ``M`` resized to the map (area-weighted: the object
+    fraction of each map cell): ``outside = Σ L (1 - M) / Σ L``, the common attention-supervision penalty;
+    ``L = mean[CE + weight · outside]``. A map that is zero everywhere has no energy on the object and counts
+    as fully outside (1; it has no gradient there either), so an empty map is never the cheap way out.
+    Either saliency method; ``saliency.normalize`` does not change the share.
+
+    Returns ``loss``, ``ce`` and ``outside`` (mean share).
+    """
+
+    needs_maps = True
+    needs_masks = True
+    needs_inputs = False
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = _check_weight(weight)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
+                 masks: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = _at_least_float32(logits)
+        _check_logits(logits, labels)
+        _check_maps(maps, logits.shape[0])
+        if float(maps.detach().min()) < -1e-6:
+            raise ValueError("loss=cam_outside needs non-negative maps (an energy); use saliency.normalize=max or "
+                             "minmax.")
+        masks = _check_masks(masks, logits.shape[0], "cam_outside")
+        dtype = torch.promote_types(maps.dtype, torch.float32)
+        with torch.autocast(device_type=maps.device.type, enabled=False):
+            maps = maps.to(dtype)
+            target = resize_masks(masks.to(dtype), tuple(maps.shape[-2:]))
+            energy = maps.flatten(1).sum(dim=1)
+            outside_energy = (maps * (1 - target)).flatten(1).sum(dim=1)
+            empty = energy <= 0
+            outside = torch.where(empty, torch.ones_like(energy), outside_energy / energy.masked_fill(empty, 1.0))
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        total = ce + self.weight * outside
+        return {"loss": total.mean(), "ce": ce.mean(), "outside": outside.mean()}
+
+
+class RightForRightReasonsLoss:
+    """"Right for the Right Reasons" (Ross, Hughes & Doshi-Velez 2017, eq. 1), averaged over the batch.
+
+    ``L = mean_n[ CE_n + weight · Σ_d (A_nd ∂/∂x_nd Σ_k log p̂_nk)² ]`` with ``A = 1 - M`` the region the
+    mask marks as irrelevant (the mask at the input's resolution, broadcast over channels) and ``p̂`` the
+    softmax of the logits. The input gradient is taken with ``create_graph`` while autograd records, so
+    the penalty trains the network (a double backward through everything between the input and the
+    trainable layers). The paper sums over samples and adds an L2 weight penalty; the mean keeps the
+    learning rate independent of the batch size, and weight decay belongs to the optimizer.
+
+    Called with ``inputs``: the images, with ``requires_grad``, that ``logits`` were computed from.
+    Returns ``loss``, ``ce`` and ``rrr`` (the mean penalty before ``weight``).
+    """
+
+    needs_maps = False
+    needs_masks = True
+    needs_inputs = True
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = _check_weight(weight)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if inputs is None or not inputs.requires_grad or not logits.requires_grad:
+            raise ValueError("loss=rrr differentiates through the input: call it with inputs=<the images, "
+                             "requires_grad=True> and logits computed from them with autograd recording.")
+        logits = _at_least_float32(logits)
+        _check_logits(logits, labels)
+        masks = _check_masks(masks, logits.shape[0], "rrr")
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            log_probs = F.log_softmax(logits, dim=1)
+            (grad,) = torch.autograd.grad(log_probs.sum(), inputs, create_graph=torch.is_grad_enabled())
+            grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+            irrelevant = 1 - resize_masks(masks.to(grad.dtype), tuple(grad.shape[-2:]))
+            penalty = (irrelevant.unsqueeze(1) * grad).pow(2).flatten(1).sum(dim=1)
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        total = ce + self.weight * penalty
+        return {"loss": total.mean(), "ce": ce.mean(), "rrr": penalty.mean()}
+
+
+LOSSES: dict[str, type] = {"ce": CrossEntropyLoss, "trust": TrustLoss, "trust_mask": MaskTrustLoss,
+                           "rrr": RightForRightReasonsLoss, "cam_outside": CamOutsideLoss}
