@@ -68,3 +68,31 @@ def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return made[arch]
 
     return file_for
+
+
+#: The models of the study fixture: distinctive names, so a test can check that no page shows them.
+STUDY_MODELS = {"baseline_ce": ["loss=ce"], "trust_lam05": ["loss.lam=0.5"], "trust_mask_model": ["loss=trust_mask"]}
+
+
+@pytest.fixture(scope="session")
+def study_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A study of 6 questions built by the real `python -m trustcnn.study build` from three tiny decoy-digit runs
+    (cross-entropy baseline, trust loss, mask loss). Tests keep their answers in their own databases (`--db`)."""
+    from trustcnn.study.__main__ import main as study_main
+    from trustcnn.train import train
+
+    root = tmp_path_factory.mktemp("study")
+    for name, overrides in STUDY_MODELS.items():
+        cfg = shrink(compose_config(overrides), root / name, cache_dir)
+        with open_dict(cfg):
+            cfg.data.batch_size = 64
+            cfg.trainer.limit_train_batches = 2
+            cfg.trainer.limit_val_batches = 1
+            cfg.trainer.limit_test_batches = 1
+            cfg.grid_images = 2
+        train(cfg)
+    names = list(STUDY_MODELS)
+    study_main(["build", "--baseline", str(root / names[0]), "--runs", *(str(root / n) for n in names[1:]),
+                "--names", *names, "--questions", "6", "--seed", "3", "--image-size", "96", "--out",
+                str(root / "study"), "--device", "cpu"])
+    return root / "study"

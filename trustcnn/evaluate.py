@@ -468,8 +468,10 @@ def _fmt(est: dict[str, Any] | None) -> str:
                                                           for k in ("value", "ci_low", "ci_high")}}).format()
 
 
-def format_case_table_markdown(models: dict[str, dict[str, Any]]) -> str:
-    """The paper's Table 3 as Markdown: one row per case, one column per model (fraction [95% CI] (count))."""
+def format_case_table_markdown(models: dict[str, dict[str, Any]],
+                               skipped: str = "scored / skipped (empty mask)") -> str:
+    """The paper's Table 3 as Markdown: one row per case, one column per model (fraction [95% CI] (count));
+    the last row counts the scored and skipped samples, under the label ``skipped``."""
     names = [n for n, m in models.items() if "case_table" in m]
     lines = ["| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in range(1, 5):
@@ -480,7 +482,7 @@ def format_case_table_markdown(models: dict[str, dict[str, Any]]) -> str:
                    "n": int(t["total"]), "method": "wilson"}
             cells.append(f"{_fmt(est)} ({int(t[f'case{c}_count'])})")
         lines.append(f"| {c}: {CASE_NAMES[c]} | " + " | ".join(cells) + " |")
-    lines.append("| scored / skipped (empty mask) | "
+    lines.append(f"| {skipped} | "
                  + " | ".join(f"{int(models[n]['case_table']['total'])} / {int(models[n]['case_table']['skipped'])}"
                               for n in names) + " |")
     return "\n".join(lines)

@@ -6,12 +6,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 # Figures are built without pyplot, so no global backend is switched (a notebook keeps its own) and
 # rendering works headless on servers and in CI.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trustcnn.saliency.guided import upsample
+
+
+def overlay_map(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A saliency map over its image, as every trustcnn picture shows it: the image in gray (stretched to
+    its own range), the map in ``jet`` colours on the fixed range [0, 1] (values outside are clipped), at
+    opacity ``alpha``.
+
+    Args:
+        image: ``(H, W, 3)`` in [0, 1].
+        saliency: ``(H, W)``; 0 is blue, 1 is red.
+
+    Returns:
+        ``(H, W, 3)`` float RGB in [0, 1].
+    """
+    gray = image.mean(axis=-1, keepdims=True)
+    low, high = float(gray.min()), float(gray.max())
+    gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+    colours = colormaps["jet"](np.clip(saliency, 0.0, 1.0))[..., :3]
+    return (1 - alpha) * gray + alpha * colours
 
 
 def saliency_figure(
@@ -49,8 +69,7 @@ def saliency_figure(
             col += 1
         for name, m in maps.items():
             up = upsample(m.detach().float().cpu(), size)[i].numpy()
-            axes[i, col].imshow(pics[i].mean(axis=-1), cmap="gray")
-            axes[i, col].imshow(up, cmap="jet", alpha=0.5, vmin=0, vmax=max(float(up.max()), 1e-8))
+            axes[i, col].imshow(overlay_map(pics[i], up / max(float(up.max()), 1e-8)))
             pred = preds.get(name) if isinstance(preds, dict) else preds
             title = name if pred is None else f"{name}: pred {name_of(int(pred[i]))}"
             axes[i, col].set_title(title, fontsize=8)

@@ -6,7 +6,7 @@ with an empty mask are skipped and counted. See each module's docstring for the 
 """
 
 from trustcnn.metrics._utils import align_maps_to_masks, as_maps, as_masks, minmax_normalize, resize_maps
-from trustcnn.metrics.case_table import CASE_NAMES, CaseTable, format_case_table
+from trustcnn.metrics.case_table import CASE_NAMES, CaseTable, case_counts, case_fractions, format_case_table
 from trustcnn.metrics.faithfulness import BASELINES, DeletionInsertion, deletion_insertion, make_baseline
 from trustcnn.metrics.localization import (
     EnergyPointingGame,
@@ -37,6 +37,8 @@ __all__ = [
     # case table
     "CaseTable",
     "CASE_NAMES",
+    "case_counts",
+    "case_fractions",
     "format_case_table",
     # map similarity / randomization check
     "MapSSIM",

@@ -11,7 +11,7 @@ from torchmetrics import Metric
 from trustcnn.metrics.localization import energy_pointing_game
 from trustcnn.metrics.stats import wilson_interval
 
-__all__ = ["CaseTable", "CASE_NAMES", "format_case_table"]
+__all__ = ["CaseTable", "CASE_NAMES", "case_counts", "case_fractions", "format_case_table"]
 
 #: case number -> description, as in Table 3 of Halliwell & Lecue.
 CASE_NAMES: dict[int, str] = {
@@ -81,26 +81,39 @@ class CaseTable(Metric):
         valid = ~torch.isnan(scores)
         correct = (preds == labels.to(preds.device)).to(scores.device)[valid]
         accurate = (scores[valid] >= self.accurate_threshold)
-        # case index 0..3: (correct, accurate) -> 0, (wrong, accurate) -> 1, (correct, inacc) -> 2, (wrong, inacc) -> 3
-        case = (~correct).long() + 2 * (~accurate).long()
-        self.counts += torch.bincount(case, minlength=4).to(self.counts)
+        self.counts += case_counts(correct, accurate).to(self.counts)
         self.skipped += (~valid).sum().to(self.skipped)
 
     def compute(self) -> dict[str, Tensor]:
-        total = self.counts.sum()
-        low, high = wilson_interval(self.counts, total.expand(4), z=self.z)
-        frac = self.counts.double() / total.clamp_min(1)
-        if total == 0:
-            frac = torch.full_like(frac, float("nan"))
-        out: dict[str, Tensor] = {}
-        for c in range(4):
-            out[f"case{c + 1}_count"] = self.counts[c]
-            out[f"case{c + 1}_fraction"] = frac[c].float()
-            out[f"case{c + 1}_ci_low"] = low[c].float()
-            out[f"case{c + 1}_ci_high"] = high[c].float()
-        out["total"] = total
-        out["skipped"] = self.skipped.clone()
-        return out
+        return case_fractions(self.counts, self.skipped, z=self.z)
+
+
+def case_counts(correct: Tensor, accurate: Tensor) -> Tensor:
+    """``(4,)`` counts of cases 1..4 (:data:`CASE_NAMES`) from per-sample ``(N,)`` booleans: was the
+    prediction correct, was the map accurate (however a caller judges that: a mask score, or people's votes)."""
+    # case index 0..3: (correct, accurate) -> 0, (wrong, accurate) -> 1, (correct, inacc) -> 2, (wrong, inacc) -> 3
+    case = (~correct.bool()).long() + 2 * (~accurate.bool()).long()
+    return torch.bincount(case, minlength=4)
+
+
+def case_fractions(counts: Tensor, skipped: Tensor | int = 0, z: float = 1.96) -> dict[str, Tensor]:
+    """:meth:`CaseTable.compute`'s dict from ``(4,)`` case counts: each case's count, fraction of the
+    scored samples and Wilson interval; ``total`` (scored) and ``skipped`` (not scored)."""
+    counts = torch.as_tensor(counts)
+    total = counts.sum()
+    low, high = wilson_interval(counts, total.expand(4), z=z)
+    frac = counts.double() / total.clamp_min(1)
+    if total == 0:
+        frac = torch.full_like(frac, float("nan"))
+    out: dict[str, Tensor] = {}
+    for c in range(4):
+        out[f"case{c + 1}_count"] = counts[c]
+        out[f"case{c + 1}_fraction"] = frac[c].float()
+        out[f"case{c + 1}_ci_low"] = low[c].float()
+        out[f"case{c + 1}_ci_high"] = high[c].float()
+    out["total"] = total
+    out["skipped"] = torch.as_tensor(skipped).clone()
+    return out
 
 
 def format_case_table(result: dict[str, Tensor]) -> str:
