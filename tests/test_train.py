@@ -147,7 +147,7 @@ def test_cli_unknown_key_and_group_option_list_valid_ones(tmp_path: Path) -> Non
     assert "Did you mean optim.lr?" in bad_key.stderr and "momentum" in bad_key.stderr
     bad_group = _cli("loss=focal", cwd=tmp_path)
     assert bad_group.returncode == 2
-    assert "Options of loss: ce, trust, trust_mask, trust_prose" in bad_group.stderr
+    assert "Options of loss: " in bad_group.stderr and "trust_mask" in bad_group.stderr
 
 
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

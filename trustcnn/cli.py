@@ -128,8 +128,28 @@ def render_help(help_file: Path = HELP_FILE) -> str:
 
     cfg = OmegaConf.create({"hydra": {"help": OmegaConf.load(help_file)}})
     template = string.Template(str(cfg.hydra.help.template))
+    options = {f"options_{group.replace('/', '_')}": " | ".join(f"{n}*" if n == default else n for n in names)
+               for group, (names, default) in group_options().items()}
     return template.safe_substitute(FLAGS_HELP=Hydra.format_args_help(get_args_parser()), APP_CONFIG_GROUPS="",
-                                    HYDRA_CONFIG_GROUPS="", CONFIG="")
+                                    HYDRA_CONFIG_GROUPS="", CONFIG="", **options)
+
+
+def group_options(conf_dir: Path = CONF_DIR, config_name: str = "train") -> dict[str, tuple[list[str], str | None]]:
+    """Every config group (``hydra/launcher`` included): its options, and its default in the primary config."""
+    from omegaconf import OmegaConf
+
+    defaults: dict[str, str] = {}
+    for item in OmegaConf.to_container(OmegaConf.load(conf_dir / f"{config_name}.yaml")).get("defaults", []):
+        if isinstance(item, dict):
+            for key, value in item.items():
+                defaults[str(key).removeprefix("override ").strip("/")] = str(value)
+    folders = [p for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"] + [conf_dir / "hydra" / "launcher"]
+    out = {}
+    for folder in sorted(folders):
+        group = folder.relative_to(conf_dir).as_posix()
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        out[group] = (names, defaults.get(group) if defaults.get(group) in names else None)
+    return out
 
 
 def _hydra_app() -> Callable[[], Any]:
