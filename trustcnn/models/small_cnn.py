@@ -24,6 +24,14 @@ from trustcnn.models.base import BuiltModel
 
 TARGET_LAYER = "features.conv3"
 
+#: Named trainable depths (``model.trainable``): the target conv alone (the paper's setting), the last block
+#: (the target conv and the classifier above it), or the whole network.
+DEPTHS: dict[str, list[str] | None] = {
+    "last_conv": [TARGET_LAYER],
+    "last_block": [TARGET_LAYER, "head.fc"],
+    "all": None,  # every module with parameters
+}
+
 
 class SmallCNN(nn.Module):
     """Three 3×3 conv blocks (two 2×2 max-pools) + global-average-pool + linear head."""
@@ -80,9 +88,10 @@ def small_cnn(
         batch_norm: BatchNorm after ``conv1`` and ``conv2`` (off by default: with it, the few-epoch
             decoy-digits training gave erratic eval-mode accuracy, see experiments/decoy_digits/TUNING.md).
         input_size: the square input resolution (the decoy-digits ``image_size``, default 32).
-        trainable: module names whose parameters train; ``None`` → ``["features.conv3"]`` (the target
-            conv, as in the paper's setups); ``"all"`` → every module with parameters (end-to-end
-            training, e.g. the plain cross-entropy baseline that learns the decoy shortcut).
+        trainable: module names whose parameters train, or a depth of :data:`DEPTHS`: ``last_conv``
+            (the default, also for ``None``: the target conv, as in the paper's setups), ``last_block``
+            (the target conv and the classifier), ``all`` (every module with parameters: end-to-end
+            training, e.g. the cross-entropy pretraining that learns the decoy shortcut).
 
     Returns:
         ``BuiltModel`` with ``target_layer="features.conv3"`` and mean/std 0.5 (the decoy-digits
@@ -90,16 +99,23 @@ def small_cnn(
     """
     net = SmallCNN(num_classes, width=width, in_channels=in_channels, batch_norm=batch_norm)
     if trainable is None:
-        names = [TARGET_LAYER]
-    elif trainable == "all":
+        trainable = "last_conv"
+    if trainable == "all":
         names = [
             n for n, m in net.named_modules()
             if n and any(True for _ in m.parameters(recurse=False))
         ]
+    elif isinstance(trainable, str) and trainable in DEPTHS:
+        names = list(DEPTHS[trainable])
     elif isinstance(trainable, str):
         names = [trainable]
     else:
         names = list(trainable)
+    modules = dict(net.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"model.trainable: no module {', '.join(map(repr, unknown))} in the small CNN; use a depth "
+                         f"({', '.join(DEPTHS)}) or module names such as {', '.join(n for n in modules if n)}.")
     return BuiltModel(
         net=net,
         target_layer=TARGET_LAYER,
