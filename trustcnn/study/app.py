@@ -63,9 +63,13 @@ def create_app(study_dir: str | Path, db_path: str | Path | None = None) -> Flas
     def order_of(who: Participant) -> list[Question]:
         return [study.questions[i] for i in question_order(study.seed, who.id, total)]
 
-    def next_page(who: Participant) -> BaseResponse:
+    def unanswered(who: Participant) -> list[int]:
+        """The participant's positions (1-based) whose question has no answer yet."""
         answered = store.answers_of(who.id)
-        pending = [pos for pos, q in enumerate(order_of(who), 1) if q.id not in answered]
+        return [pos for pos, q in enumerate(order_of(who), 1) if q.id not in answered]
+
+    def next_page(who: Participant) -> BaseResponse:
+        pending = unanswered(who)
         return redirect(f"/q/{pending[0]}" if pending else "/done", code=303)
 
     def page(template: str, status: int = 200, **context: object) -> Response:
@@ -142,9 +146,8 @@ def create_app(study_dir: str | Path, db_path: str | Path | None = None) -> Flas
         who = participant()
         if who is None:
             return redirect("/", code=303)
-        answered = store.answers_of(who.id)
-        missing = [pos for pos, q in enumerate(order_of(who), 1) if q.id not in answered]
-        return page("done.html", answered=len(answered), missing=missing)
+        missing = unanswered(who)
+        return page("done.html", answered=total - len(missing), missing=missing)
 
     @app.get("/images/<name>")
     def image(name: str) -> BaseResponse:
