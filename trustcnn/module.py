@@ -3,22 +3,33 @@ paper's saliency-penalized loss, with the saliency map computed differentiably i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision, MulticlassRecall
 
 from trustcnn.metrics import CASE_NAMES, CaseTable, EnergyPointingGame, PointingGame
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.freeze import freeze_except, set_trainable_mode
-from trustcnn.saliency import SaliencyOutput, build_saliency
+from trustcnn.saliency import SaliencyMethod, SaliencyOutput, build_saliency
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or a saliency map) became NaN/Inf."""
+
+
+@dataclass
+class _FeatureHead:
+    """The part of the network after a cached frozen stem, and the saliency method hooked on it (a plain
+    object, not a module, so neither enters the module tree)."""
+
+    head: nn.Module
+    saliency: SaliencyMethod
 
 
 class TrustModule(pl.LightningModule):
@@ -59,7 +70,12 @@ class TrustModule(pl.LightningModule):
         self.trainable_names = freeze_except(self.net, list(model.trainable))
         saliency = dict(saliency or {"method": "gradcam"})
         method = saliency.pop("method")
+        self._saliency_options = (method, saliency)
         self.saliency = build_saliency(method, self.net, model.target_layer, **saliency)
+        # Stages whose batches hold the frozen stem's cached features instead of images (see
+        # use_feature_cache); their forward runs only the head after the stem.
+        self.feature_stages: set[str] = set()
+        self._features: _FeatureHead | None = None
         self.has_masks = has_masks
         self.test_set_names = list(test_set_names)
         self.panel_images = panel_images
@@ -114,23 +130,38 @@ class TrustModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def explain(self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
-                ) -> SaliencyOutput:
-        """Logits and maps of one forward pass; works under Lightning's no-grad/inference mode."""
+    def use_feature_cache(self, head: nn.Module, stages: set[str]) -> None:
+        """Batches of ``stages`` will hold the output of the frozen stem (``trustcnn.feature_cache``), and run
+        through ``head``: the rest of ``net``, made of the same module objects (so the same hooks fire and
+        the same parameters train). The head is kept outside the module tree: the checkpoint's state dict
+        stays that of ``net``, with or without the cache."""
+        method, options = self._saliency_options
+        if self._features is not None:
+            self._features.saliency.remove()
+        self._features = _FeatureHead(head, build_saliency(method, head, self.built.target_layer, **options))
+        self.feature_stages = set(stages)
+
+    def explain(self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None,
+                features: bool = False) -> SaliencyOutput:
+        """Logits and maps of one forward pass; works under Lightning's no-grad/inference mode.
+
+        ``features``: ``x`` is the frozen stem's cached output, not images (see :meth:`use_feature_cache`)."""
+        saliency = self._features.saliency if features else self.saliency
         with torch.inference_mode(False), torch.enable_grad():
             # Tensors made under inference_mode cannot enter autograd; a clone outside it can.
             x = x.clone() if x.is_inference() else x
             labels = labels.clone() if labels is not None and labels.is_inference() else labels
-            return self.saliency(x, labels, create_graph=create_graph)
+            return saliency(x, labels, create_graph=create_graph)
 
     def _stage_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> dict[str, torch.Tensor]:
         x, y, masks = batch
         training = stage == "train"
+        features = stage in self.feature_stages
         if training and not self.loss_fn.needs_maps:
-            logits, maps = self.net(x), None
+            logits, maps = (self._features.head if features else self.net)(x), None
         else:
             # Evaluation needs maps for Ŝ and the pointing games, but no second-order graph.
-            out = self.explain(x, y, create_graph=None if training else False)
+            out = self.explain(x, y, create_graph=None if training else False, features=features)
             logits, maps = out.logits, out.maps
             if not training:
                 logits, maps = logits.detach(), maps.detach()
@@ -197,7 +228,12 @@ class TrustModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         if self._panel_batch is None and batch_idx == 0:
-            self._panel_batch = tuple(t[: self.panel_images].detach().clone() for t in batch)
+            if "val" in self.feature_stages:  # the batch holds features: the panel shows the same images
+                val_set = self.trainer.datamodule.val_set
+                images = default_collate([val_set[i] for i in range(min(self.panel_images, len(val_set)))])
+                self._panel_batch = tuple(t.to(self.device) for t in images)
+            else:
+                self._panel_batch = tuple(t[: self.panel_images].detach().clone() for t in batch)
         self._stage_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -36,6 +36,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from trustcnn.checkpoints import RUN_RECORD, check_test_checkpoint, metric_mode
+from trustcnn.feature_cache import check_mode as check_feature_cache_mode, prepare_feature_cache
 from trustcnn.launch import job_threads, resume_after_requeue
 from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
@@ -392,6 +393,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     """The body of :func:`train`, after the output directory and seeds are set."""
     # Everything a user can get wrong in the config fails here, before any training.
     loss = build_loss(cfg.loss, cfg.get("ablation"))
+    check_feature_cache_mode(cfg.get("feature_cache", "auto"))
     datamodule = instantiate_plain(cfg.data)
     model = build_model(cfg, datamodule.num_classes)
     warn_preprocessing_mismatch(model, datamodule)
@@ -423,6 +425,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
         pretrained = None
     module = build_module(cfg, model, loss, datamodule)
     _check_checkpoint_callbacks(cfg)
+    prepare_feature_cache(cfg, module, datamodule, trainer)  # feature_cache: auto (where exact) | off
 
     objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
                "pretrained": pretrained}

@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_STD",
     "NO_MASK",
     "BaseDataModule",
+    "UncacheableDataError",
     "DatasetLayoutError",
     "ImageListDataset",
     "build_transforms",
@@ -155,6 +156,60 @@ def denormalize(
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x * s + m).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints for the feature cache (trustcnn.feature_cache)
+# --------------------------------------------------------------------------------------------------
+
+
+class UncacheableDataError(ValueError):
+    """A dataset whose samples are not a fixed function of its files (or tensors), so features computed
+    from them once cannot stand in for every later epoch; the message says why."""
+
+
+# Transforms that give the same output for the same input every call. Anything else (RandomResizedCrop,
+# flips, ColorJitter, AutoAugment, a Lambda of unknown content, ...) refuses the feature cache: an
+# allowlist, because an unknown op that draws random numbers would make the cache silently inexact.
+DETERMINISTIC_TRANSFORMS = frozenset({
+    "Compose", "ToImage", "ToTensor", "PILToTensor", "ToPureTensor", "ToDtype", "ConvertImageDtype",
+    "Resize", "CenterCrop", "Normalize", "Grayscale", "Pad", "Identity",
+})
+
+
+def transform_fingerprint(transform: Callable | None) -> list:
+    """Every op of ``transform`` with its settings, for a cache key; raises :class:`UncacheableDataError`
+    on an op that is not known to be deterministic (random augmentation)."""
+    if transform is None:
+        return []
+    name = type(transform).__name__
+    if name not in DETERMINISTIC_TRANSFORMS:
+        raise UncacheableDataError(f"the transform {name} is random or not known to be deterministic (random "
+                                   "augmentation gives other pixels every epoch)")
+    if hasattr(transform, "transforms"):
+        return [name, [transform_fingerprint(t) for t in transform.transforms]]
+    settings = {k: repr(v) for k, v in sorted(vars(transform).items()) if not k.startswith("_") and k != "training"}
+    return [name, settings]
+
+
+def files_fingerprint(paths: Sequence[str]) -> str:
+    """Hash of the paths with each file's size and mtime: moving, adding, removing or rewriting a file
+    changes it (one ``stat`` per file)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def tensors_fingerprint(*tensors: torch.Tensor) -> str:
+    """Hash of the tensors' dtypes, shapes and contents."""
+    digest = hashlib.sha1()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return digest.hexdigest()
 
 
 DEFAULT_CACHE_DIR = "~/.cache/trustcnn"
@@ -476,6 +531,24 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def cache_fingerprint(self) -> dict:
+        """What the samples are a function of: the transform, the files (paths, sizes, mtimes; the mask
+        files too, for a mask reader that names them), the labels. Raises :class:`UncacheableDataError`
+        for a random transform."""
+        files = list(self.paths)
+        masks: dict | None = None
+        if self.mask_fn is not None:
+            settings = vars(self.mask_fn) if hasattr(self.mask_fn, "__dict__") else {}
+            mask_files = [p for v in settings.values() if isinstance(v, (list, tuple))
+                          and v and all(isinstance(e, str) for e in v) for p in v]
+            masks = {"reader": f"{type(self.mask_fn).__module__}.{type(self.mask_fn).__qualname__}",
+                     "settings": {k: repr(v) for k, v in sorted(settings.items())
+                                  if not (isinstance(v, (list, tuple)) and v and all(isinstance(e, str) for e in v))},
+                     "files": files_fingerprint(mask_files)}
+        return {"dataset": "ImageListDataset", "transform": transform_fingerprint(self.transform),
+                "files": files_fingerprint(files), "labels": tensors_fingerprint(torch.tensor(self.labels)),
+                "masks": masks}
+
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = load_rgb(self.paths[index])
         if self.mask_fn is None:
@@ -534,6 +607,9 @@ class BaseDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_sets: list[Dataset] | None = None
+        # Stand-ins for whole splits (name -> dataset), set by trustcnn.feature_cache: precomputed
+        # features of a frozen stem in place of the images; the loaders use them in the same order.
+        self.cached_sets: dict[str, Dataset] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -572,13 +648,16 @@ class BaseDataModule(pl.LightningDataModule):
             sampler = EpochShuffleSampler(len(dataset), self.seed, rank, world_size, resume_at=resume_at)
         else:
             sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+        # Cached features are ready tensors: indexing them in this process costs less than starting workers
+        # (nothing random happens in a worker, so the batches are the same either way).
+        workers = 0 if any(dataset is d for d in getattr(self, "cached_sets", {}).values()) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             # Making an iterator draws the workers' base seed from this generator, not from the global RNG:
             # Lightning makes the first epoch's iterator before `on_train_epoch_start` and later ones after
             # it, so a draw from the global RNG would shift a resumed run's dropout masks (see EpochSeed).
@@ -586,21 +665,35 @@ class BaseDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(_rank_seed(self.seed, rank)) if train else None,
         )
 
+    def stage_sets(self) -> dict[str, Dataset]:
+        """Every split by its stage name (``train``, ``val``, then ``test_set_names``), after setup."""
+        out = {"train": self.train_set, "val": self.val_set}
+        out.update(zip(self.test_set_names, self.test_sets or []))
+        return {name: d for name, d in out.items() if d is not None}
+
+    def use_cached_sets(self, sets: dict[str, Dataset]) -> None:
+        """Serve these datasets (by split name, same length and order as the split's) from the stage
+        loaders; :meth:`main_test_dataloader` keeps the images (saliency grid, evaluate)."""
+        self.cached_sets = dict(sets)
+
+    def _stage_set(self, name: str, dataset: Dataset | None) -> Dataset | None:
+        return getattr(self, "cached_sets", {}).get(name, dataset)
+
     def resume_within_epoch(self, epoch: int, batches: int) -> None:
         """The run resumes from a checkpoint written after ``batches`` training batches (of this process)
         of ``epoch``: the next training loader starts that epoch after them (:class:`EpochShuffleSampler`)."""
         self._resume_within_epoch = (int(epoch), int(batches))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self._loader(self._stage_set("train", self.train_set), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self._stage_set("val", self.val_set), train=False)
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.test_sets is None:
             return self._loader(None, train=False)
-        loaders = [self._loader(d, train=False) for d in self.test_sets]
+        loaders = [self._loader(self._stage_set(n, d), train=False) for n, d in zip(self.test_set_names, self.test_sets)]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def prediction_metrics(self, test_set: str, predictions: torch.Tensor) -> dict[str, float]:

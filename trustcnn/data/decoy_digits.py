@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from trustcnn.data.common import BaseDataModule, split_fractions, stratified_split
+from trustcnn.data.common import BaseDataModule, split_fractions, stratified_split, tensors_fingerprint
 
 DECOY_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 DECOY_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -52,6 +52,10 @@ class TripletTensorDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i], self.labels[i], self.masks[i]
+
+    def cache_fingerprint(self) -> dict:
+        """The samples are the tensors themselves: their contents are the fingerprint."""
+        return {"dataset": "TripletTensorDataset", "tensors": tensors_fingerprint(self.images, self.labels, self.masks)}
 
 
 def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
