@@ -386,17 +386,18 @@ def test_report_cli_refuses_to_select_on_a_test_metric(sweep: Path, tmp_path: Pa
 
 
 def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
-    """`python -m trustcnn.train -m` over lr × λ with failing λ = 1.5 jobs, then `python -m trustcnn.report`."""
+    """`python -m trustcnn.train -m` over lr × λ with failing lr = -1 jobs (the optimizer refuses it at run time; a
+    bad λ would be refused on the command line), then `python -m trustcnn.report`."""
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     train_cmd = [
-        sys.executable, "-m", "trustcnn.train", "-m", "optim.lr=1e-2,1e-3", "loss.lam=0.5,1.5",
+        sys.executable, "-m", "trustcnn.train", "-m", "optim.lr=1e-2,-1", "loss.lam=0.5,0.9",
         "trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
         "++trainer.limit_test_batches=1", "++trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
         "model.pretrain.epochs=1", "data.batch_size=64", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}",
     ]
     done = subprocess.run(train_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1, done.stderr[-3000:]  # the λ = 1.5 jobs failed; the others finished
+    assert done.returncode == 1, done.stderr[-3000:]  # the lr = -1 jobs failed; the others finished
     report_cmd = [sys.executable, "-m", "trustcnn.report", str(sweep_dir), "--no-grid"]  # by optimized_metric
     done = subprocess.run(report_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -405,10 +406,10 @@ def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
     assert len(rows) == 4
     assert sorted(r["status"] for r in rows) == ["failed", "failed", "ok", "ok"]
     for r in rows:
-        assert (r["status"] == "failed") == (r["lam"] == "1.5")
+        assert (r["status"] == "failed") == (r["lr"] == "-1")
         assert f"optim.lr={r['lr']}" in r["overrides"] and f"loss.lam={r['lam']}" in r["overrides"]
     md = (sweep_dir / "report.md").read_text()
-    assert md.count("loss.lam must lie in [0, 1]") == 2
+    assert md.count("Invalid learning rate") == 2
     assert "Best by `val/acc` (max; " in md
     assert (sweep_dir / "heatmap_val_acc.png").stat().st_size > 5000
     assert (sweep_dir / "heatmap_test_acc.png").stat().st_size > 5000

@@ -50,8 +50,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from trustcnn.checkpoints import metric_mode, read_run_record
-from trustcnn.metrics import CASE_NAMES, wilson_interval
-from trustcnn.metrics.stats import mean_estimate
+
+# trustcnn.metrics (torch) is imported where it is used: --help and argument errors answer without it.
 
 log = logging.getLogger("trustcnn.report")
 
@@ -365,6 +365,9 @@ def mean_std(group: list[JobResult], metric: str) -> str:
 
 def confidence_interval(group: list[JobResult], metric: str) -> tuple[float, float, float, str]:
     """``(mean, low, high, method)``: t-interval over seeds, else Wilson over the test images, else no CI."""
+    from trustcnn.metrics import wilson_interval
+    from trustcnn.metrics.stats import mean_estimate
+
     v = _values(group, metric)
     if v.size == 0:
         return math.nan, math.nan, math.nan, "—"
@@ -570,6 +573,8 @@ def _case_table_from_metrics(job: JobResult) -> dict[str, float] | None:
 
 
 def _case_table_lines(tables: dict[str, dict[str, float]]) -> list[str]:
+    from trustcnn.metrics import CASE_NAMES
+
     names = list(tables)
     lines = ["| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in range(1, 5):
@@ -661,6 +666,8 @@ def paired_differences(jobs: list[JobResult], metrics: Sequence[str] | None = No
         ``same_sign`` (pairs whose difference has the sign of the mean), ``differences``, ``seeds`` and
         ``jobs`` (``(job num, ce job num)`` per pair).
     """
+    from trustcnn.metrics.stats import mean_estimate
+
     if metrics is None:
         available = {k for j in jobs if j.ok for k in j.metrics}
         metrics = [m for m in PAIRED if m in available]
