@@ -157,7 +157,11 @@ class TrustModule(pl.LightningModule):
         x, y, masks = batch
         training = stage == "train"
         features = stage in self.feature_stages
-        if training and not self.loss_fn.needs_maps:
+        inputs = None
+        if training and self.loss_fn.needs_inputs:  # the loss differentiates through the pixels (loss=rrr)
+            inputs = x.detach().requires_grad_()
+            logits, maps = self.net(inputs), None
+        elif training and not self.loss_fn.needs_maps:
             logits, maps = (self._features.head if features else self.net)(x), None
         else:
             # Evaluation needs maps for Ŝ and the pointing games, but no second-order graph.
@@ -166,7 +170,10 @@ class TrustModule(pl.LightningModule):
             if not training:
                 logits, maps = logits.detach(), maps.detach()
         try:
-            terms = self.loss_fn(logits, y, maps, masks)
+            if self.loss_fn.needs_inputs and not training:
+                terms = self._input_gradient_loss(x, y, maps, masks)
+            else:
+                terms = self.loss_fn(logits, y, maps, masks, **({"inputs": inputs} if inputs is not None else {}))
         except FloatingPointError as err:
             raise NonFiniteLossError(f"{stage} step {self.global_step}: {err}") from err
         if training and not torch.isfinite(terms["loss"]):
@@ -210,6 +217,17 @@ class TrustModule(pl.LightningModule):
         if stage in self.test_set_names:
             self.test_predictions.setdefault(stage, []).append(logits.detach().argmax(dim=1).cpu())
         return terms
+
+    def _input_gradient_loss(self, x: torch.Tensor, y: torch.Tensor, maps: torch.Tensor | None,
+                             masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An evaluation value of a loss that needs the input gradient (``needs_inputs``): Lightning evaluates
+        under no_grad, so the logits are recomputed here with autograd recording from the pixels."""
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = (x.clone() if x.is_inference() else x).detach().requires_grad_()
+            y = y.clone() if y.is_inference() else y
+            masks = masks.clone() if masks.is_inference() else masks
+            terms = self.loss_fn(self.net(inputs), y, maps, masks, inputs=inputs)
+        return {name: value.detach() for name, value in terms.items()}
 
     def _global_batch_means(self, values: dict[str, torch.Tensor], batch_size: int
                             ) -> tuple[dict[str, torch.Tensor], float]:

@@ -76,7 +76,7 @@ def loss_options(loss_cfg: DictConfig, ablation_cfg: DictConfig | None = None) -
     options = OmegaConf.to_container(loss_cfg, resolve=True)
     name = options.pop("name")
     if name not in LOSSES:
-        raise ValueError(f"Unknown loss {name!r}; use loss=ce, loss=trust or loss=trust_mask.")
+        raise ValueError(f"Unknown loss {name!r}; use one of {', '.join('loss=' + n for n in LOSSES)}.")
     takes = set(inspect.signature(LOSSES[name]).parameters)
     used = {k: v for k, v in options.items() if k in takes}
     not_applicable = {f"loss.{k}": v for k, v in options.items() if k not in takes and v is not None}
@@ -316,7 +316,8 @@ def chance_levels(datamodule: pl.LightningDataModule, tolerance: int, limit: Any
 def reading_guide(metrics: dict[str, float], datamodule: pl.LightningDataModule, tolerance: int) -> str:
     """Lines under the final table: what each evaluated set is, and what a map (or a guess) with no
     information would score, so a number can be told good or bad."""
-    notes = SET_DESCRIPTIONS.get(type(datamodule).__name__, {})
+    notes = {**SET_DESCRIPTIONS.get(type(datamodule).__name__, {}),
+             **(datamodule.set_descriptions() if hasattr(datamodule, "set_descriptions") else {})}
     sets = sorted({k.split("/", 1)[0] for k in metrics if "/" in k and not k.startswith("best_")})
     lines = [f"{name}: {notes[name]}." for name in sets if name in notes]
     chance = [f"accuracy {1 / datamodule.num_classes:.4f} (a guess among {datamodule.num_classes} classes)"]
@@ -413,6 +414,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
         for key in ("num_workers", "root"):  # cannot change the weights; everything else can
             spec["data"].pop(key, None)
         spec["model"]["pretrain"].pop("cache_dir", None)
+        spec["model"].pop("trainable", None)  # pretraining trains every layer whatever trains afterwards
         # The pretraining runs in one process before DDP starts (every rank runs it or finds it cached), on the
         # global batch (data.batch_size is per process), so a DDP run starts from the same cached network as a
         # one-process run of the same global batch; outside DDP nothing changes.

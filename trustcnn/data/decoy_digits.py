@@ -120,6 +120,9 @@ class DecoyDigitsDataModule(BaseDataModule):
             ``digit_intensity`` scaling).
         digit_intensity: peak brightness of the digit strokes (1 = white).
         val_fraction, test_fraction: stratified split of the 1,797 digits (train gets the rest).
+        val_decoys: ``consistent`` (default: validation carries the shortcut, like train) or ``random``
+            (validation decoys drawn like test's, on validation digits: a split to select settings on
+            without the shortcut and without touching test; the shortcut study tunes on it).
         pin_memory: passed to the data loaders.
     """
 
@@ -137,6 +140,7 @@ class DecoyDigitsDataModule(BaseDataModule):
         digit_intensity: float = 0.7,
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
+        val_decoys: str = "consistent",
         pin_memory: bool = False,
     ) -> None:
         super().__init__(root, batch_size, num_workers, seed, image_size, pin_memory)
@@ -155,6 +159,9 @@ class DecoyDigitsDataModule(BaseDataModule):
             raise ValueError(f"digit_intensity must be in (0, 1], got {digit_intensity}")
         self.digit_intensity = float(digit_intensity)
         self.fractions = split_fractions(val_fraction, test_fraction)
+        if val_decoys not in ("consistent", "random"):
+            raise ValueError(f"data.val_decoys must be 'consistent' or 'random', got {val_decoys!r}")
+        self.val_decoys = val_decoys
         if test_fraction <= 0:
             raise ValueError("test_fraction must be > 0 for decoy digits (the decoy test sets)")
 
@@ -166,6 +173,13 @@ class DecoyDigitsDataModule(BaseDataModule):
         self.test_set_names = ["test", "test_consistent"]
         self.shades = class_shades(self.num_classes, self.shade_min, self.shade_max)
         self._built = False
+
+    def set_descriptions(self) -> dict[str, str]:
+        """Lines for the final summary where this configuration differs from the usual description."""
+        if self.val_decoys == "random":
+            return {"val": "validation split with random decoys, drawn like test's on other digits (what checkpoints "
+                           "and sweeps rank by: a split without the shortcut)"}
+        return {}
 
     def build(self) -> dict[str, dict[str, torch.Tensor]]:
         """Build every split as tensors: ``{split: {"images", "labels", "masks", "shades", "corners",
@@ -182,7 +196,7 @@ class DecoyDigitsDataModule(BaseDataModule):
         out = {}
         for name, idx, shade in (
             ("train", idx_train, consistent),
-            ("val", idx_val, consistent),
+            ("val", idx_val, random if self.val_decoys == "random" else consistent),
             ("test", idx_test, random),
             ("test_consistent", idx_test, consistent),
         ):
@@ -195,7 +209,8 @@ class DecoyDigitsDataModule(BaseDataModule):
                 "labels": torch.from_numpy(labels[idx]),
                 "masks": masks,
                 "shades": torch.from_numpy(shade[idx]),
-                "decoy_classes": torch.from_numpy((random_classes if name == "test" else labels)[idx]),
+                "decoy_classes": torch.from_numpy((random_classes if name == "test" or (name == "val" and self.val_decoys == "random")
+                                                   else labels)[idx]),
                 "corners": torch.from_numpy(corners[idx]),
                 "index": torch.from_numpy(idx),
             }
