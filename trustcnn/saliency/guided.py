@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,8 @@ class GuidedBackprop(Armable):
     def __init__(self, model: nn.Module, armed: bool = True) -> None:
         self.armed = armed
         self._switch = _GuidedSwitch()
+        # Set by GuidedGradCAM's fast path: gives the stem's activations gates that record their masks.
+        self.stem_gate: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None
         self._handles = [
             m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, GUIDED_ACTIVATIONS)
         ]
@@ -74,6 +76,10 @@ class GuidedBackprop(Armable):
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self.armed or not torch.is_grad_enabled():
             return None
+        if self.stem_gate is not None:
+            gated = self.stem_gate(module, output)
+            if gated is not None:
+                return gated
         return _GuidedGate.apply(output, self._switch)
 
 

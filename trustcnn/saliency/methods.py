@@ -18,6 +18,7 @@ from trustcnn.saliency.capture import BatchCoupling, BatchStatisticsProbe, Layer
 from trustcnn.saliency.gradcam import gradcam
 from trustcnn.saliency.guided import ChannelReduce, GuidedBackprop, guided_gradcam
 from trustcnn.saliency.normalize import Normalization, normalize_maps
+from trustcnn.saliency.stem import FrozenStem, StemInexactError, StemPass, stem_guided
 
 TargetClass = Literal["predicted", "label"]
 
@@ -115,7 +116,7 @@ class SaliencyMethod:
                 "Wrap the call in `torch.inference_mode(False), torch.enable_grad()`."
             )
         x = self.prepare_input(x)
-        with self.recording():
+        with self.recording(x):
             logits = self.model(x)
         activations, self._capture.activations = self._capture.activations, None
         coupling = self._probe.coupling(logits.shape[0])
@@ -131,8 +132,8 @@ class SaliencyMethod:
         return x
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Arms the hooks this method needs for the duration of its own forward pass."""
+    def recording(self, x: torch.Tensor | None = None) -> Iterator[None]:
+        """Arms the hooks this method needs for the duration of its own forward pass (of ``x``)."""
         self._probe.reset()
         with self._capture.armed_for(), self._probe.armed_for():
             yield
@@ -174,6 +175,14 @@ class GuidedGradCAM(SaliencyMethod):
 
     The guided rule applies only to the saliency gradient; a loss on the map still back-propagates
     through ordinary ReLU derivatives.
+
+    ``fast_stem`` (default): where the part of the model in front of the first trainable module (or the
+    target layer) is frozen, the guided gradient through it is one custom autograd Function whose
+    backward is a masked linear forward of that part, instead of a double backward
+    (:mod:`trustcnn.saliency.stem`); same maps and parameter gradients. It falls back to the double
+    backward, logging why, where it does not apply (a trainable stem, BatchNorm with batch statistics or
+    train-mode dropout in the stem, a non-ReLU activation or unknown module in it, mixed precision, a
+    skip connection around the cut); ``fast_stem_reason`` holds the last reason.
     """
 
     def __init__(
@@ -186,6 +195,7 @@ class GuidedGradCAM(SaliencyMethod):
         interpolate_mode: str = "bilinear",
         channel_reduce: ChannelReduce = "abs_sum",
         per_sample: bool | None = None,
+        fast_stem: bool = True,
     ) -> None:
         super().__init__(model, target_layer, second_order, normalize, target, per_sample)
         self.interpolate_mode = interpolate_mode
@@ -197,11 +207,42 @@ class GuidedGradCAM(SaliencyMethod):
                 "or normalize=minmax."
             )
         self._guided = GuidedBackprop(model, armed=False)
+        self._stem = FrozenStem(model, target_layer, self._guided._switch) if fast_stem else None
+        self._guided.stem_gate = self._stem.gate if self._stem is not None else None
+        self._pass: StemPass | None = None
+
+    @property
+    def fast_stem_reason(self) -> str | None:
+        """Why the last call did not use the fast stem path (``None`` when it did)."""
+        if self._stem is None:
+            return "fast_stem=False"
+        return self._stem.reason
+
+    def __call__(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, create_graph: bool | None = None
+    ) -> SaliencyOutput:
+        try:
+            return super().__call__(x, labels, create_graph)
+        except _Bypass as bypass:
+            # This forward could not use the fast path after all: off for good, and this call redone.
+            self._stem.disable(str(bypass))
+            self._stem.plan.reason = self._stem.reason
+            return super().__call__(x, labels, create_graph)
 
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        with super().recording(), self._guided.armed_for():
-            yield
+    def recording(self, x: torch.Tensor | None = None) -> Iterator[None]:
+        with super().recording(x), self._guided.armed_for():
+            if self._stem is None or x is None:
+                yield
+                return
+            with self._stem.recording(x) as stem_pass:
+                self._pass = stem_pass
+                try:
+                    yield
+                finally:
+                    if stem_pass is not None and stem_pass.problem is not None:
+                        self._stem.disable(stem_pass.problem)
+                        self._stem.plan.reason = stem_pass.problem
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         # The guided gradient is taken w.r.t. the input, so the input must be a graph leaf.
@@ -215,15 +256,37 @@ class GuidedGradCAM(SaliencyMethod):
         create_graph: bool,
         coupling: BatchCoupling,
     ) -> torch.Tensor:
+        stem_pass, self._pass = self._pass, None
+        if stem_pass is not None and (stem_pass.problem is not None or stem_pass.z_leaf is None):
+            raise _Bypass(stem_pass.problem or f"the forward did not reach the cut module {stem_pass.plan.cut!r}")
+        if stem_pass is not None and stem_pass.bypass(scores):
+            raise _Bypass(f"a path from the input to the logits bypasses the cut module {stem_pass.plan.cut!r}")
         cam = gradcam(activations, scores, create_graph=create_graph, per_sample=coupling.layer)
-        guided = self._guided.gradients(
-            scores, x, create_graph=create_graph, per_sample=coupling.input, per_sample_from=coupling.input_via
-        )
+        if stem_pass is None:
+            guided = self._guided.gradients(
+                scores, x, create_graph=create_graph, per_sample=coupling.input, per_sample_from=coupling.input_via
+            )
+        else:
+            # The stem holds no batch statistics (else no fast path), so samples meet only after the cut.
+            via = coupling.input_via if coupling.input_via is not stem_pass.z else None
+            at_cut = self._guided.gradients(
+                scores, stem_pass.z_leaf, create_graph=create_graph, per_sample=coupling.input, per_sample_from=via
+            )
+            try:
+                guided = stem_guided(at_cut, stem_pass, create_graph)
+            except StemInexactError as err:
+                raise _Bypass(f"the stem's replay is not exact ({err})") from err
         return guided_gradcam(cam, guided, self.interpolate_mode, self.channel_reduce)
 
     def remove(self) -> None:
         super().remove()
         self._guided.remove()
+        if self._stem is not None:
+            self._stem.remove()
+
+
+class _Bypass(Exception):
+    """This forward's stem output was not the only way from the input to the logits."""
 
 
 SALIENCY_METHODS: dict[str, type[SaliencyMethod]] = {"gradcam": GradCAM, "guided_gradcam": GuidedGradCAM}

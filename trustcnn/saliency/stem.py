@@ -1,0 +1,448 @@
+"""The guided gradient through a frozen stem as one custom autograd Function (no double backward).
+
+The part of a model in front of its first trainable module (or the target layer, if that comes
+first) is frozen and fixed by the forward pass: its guided backward is a linear map ``B`` of the
+gradient ``g`` arriving at the stem's output ``z``, once its masks are fixed (each ReLU's forward
+mask, times the sign pattern ``g >= 0`` seen at its output in this guided backward). So
+
+* forward  = the guided backward through the stem, ``g_x = B g`` (one first-order backward, which
+  also records the masks), and
+* backward = ``B^T u``: one forward pass of the stem on ``u`` with biases and BatchNorm shifts
+  dropped, each ReLU/ReLU6 replaced by multiplication with its recorded mask and each max-pool by a
+  gather at its recorded argmax.
+
+That replaces the double backward through the stem, whose grouped (depthwise) convolutions autograd
+runs group by group, by a forward of the same layers; it also frees the stem's graph right after the
+guided backward. The loss gradient never enters the stem: the stem's output is detached where it
+enters the first trainable module (nothing in front of it trains).
+
+The replay re-runs the model's own ``forward`` with the stem's leaf modules swapped for their linear
+parts and stops where the stem's output enters the cut module, so any Python forward works. Leaf
+modules must be of a known kind (:data:`LINEAR_PASS`, :data:`REPLAYED`); every backward also checks
+the adjoint identity ``<u, B g> = <B^T u, g>``, which fails for any affine offset or nonlinearity
+written as a function call in a ``forward`` (e.g. ``F.relu``, ``x + 1``) that module checks cannot see.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.pooling import _MaxPoolNd
+
+from trustcnn.saliency.capture import uses_batch_statistics
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+# Leaf modules whose own forward is already linear without offset: replayed as they are.
+LINEAR_PASS: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+# Leaf modules replayed by their linear part (see :meth:`StemPass._linear_forward`).
+REPLAYED: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear, _BatchNorm, *ACTIVATIONS, _MaxPoolNd)
+
+
+class StemInexactError(RuntimeError):
+    """The replayed stem is not the transpose of its guided backward (adjoint check failed)."""
+
+
+class _ReachedCut(Exception):
+    """Stops a replay where the stem's output enters the cut module."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+@dataclass
+class StemPlan:
+    """Where a model's frozen stem ends, found from the call order of one forward.
+
+    Attributes:
+        cut: name of the module whose (single tensor) input is the stem's output.
+        stem: the leaf modules called before it, in call order (name, module).
+        reason: why the fast path does not apply to this model, or ``None``.
+    """
+
+    cut: str | None
+    stem: list[tuple[str, nn.Module]] = field(default_factory=list)
+    reason: str | None = None
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def plan_stem(model: nn.Module, calls: list[str], target_layer: str) -> StemPlan:
+    """The cut and stem of ``model`` from ``calls`` (module names in the order their forward began).
+
+    The cut is the first module called that holds trainable parameters of its own or is the target
+    layer; the stem is every leaf module called before it.
+    """
+    modules = dict(model.named_modules())
+    cut = next((n for n in calls if n == target_layer
+                or any(p.requires_grad for p in modules[n].parameters(recurse=False))), None)
+    if cut is None:
+        return StemPlan(None, reason="no trainable module or target layer was called in the forward")
+    if calls.count(cut) > 1:
+        return StemPlan(None, reason=f"the cut module {cut!r} is called more than once per forward")
+    stem = [(n, modules[n]) for n in calls[: calls.index(cut)] if _is_leaf(modules[n])]
+    if not stem:
+        return StemPlan(None, reason=f"nothing frozen runs before {cut!r} (the first trainable module or target)")
+    for name, m in stem:
+        if any(p.requires_grad for p in m.parameters()):
+            return StemPlan(None, reason=f"{name!r} in front of {cut!r} has trainable parameters")
+        if isinstance(m, _ConvNd) and m.transposed:
+            return StemPlan(None, reason=f"{name!r} is a transposed convolution (no linear replay)")
+        if isinstance(m, _MaxPoolNd) and m.return_indices:
+            return StemPlan(None, reason=f"{name!r} returns indices (no linear replay)")
+        if not isinstance(m, LINEAR_PASS + REPLAYED):
+            kind = "a non-ReLU activation" if "activation" in type(m).__module__ else "a module"
+            return StemPlan(None, reason=f"{name!r} ({type(m).__name__}) in the frozen stem is {kind} without a "
+                                         "known linear replay (known: ReLU, ReLU6, conv, linear, BatchNorm, "
+                                         "pooling, dropout, identity)")
+    return StemPlan(cut, stem)
+
+
+def stem_state_reason(plan: StemPlan) -> str | None:
+    """Why this forward, with the modules' current modes, cannot use the fast path (else ``None``)."""
+    for name, m in plan.stem:
+        if uses_batch_statistics(m):
+            return f"BatchNorm {name!r} in the stem normalizes with batch statistics (train mode)"
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            return f"dropout {name!r} in the stem is in train mode"
+    return None
+
+
+@dataclass
+class _Entry:
+    """What the guided backward recorded for one activation or max-pool call of the stem."""
+
+    module: nn.Module
+    mask: torch.Tensor | None = None  # activation: forward mask & (g >= 0); max-pool: argmax indices
+
+
+class _RecordingGate(torch.autograd.Function):
+    """The guided gate of a stem activation that also records the mask its guided backward applies.
+
+    Like :class:`~trustcnn.saliency.guided._GuidedGate`: identity forward; backward passes
+    ``clamp(g, min=0)`` while the switch is on; the activation's own backward then multiplies by its
+    forward mask. The recorded mask is the product of both, with ``g >= 0`` as ``clamp``'s derivative
+    uses (so the transpose equals autograd's double backward exactly, zeros included).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, switch, entry: _Entry, upper: float | None):  # type: ignore[override]
+        ctx.switch, ctx.entry, ctx.upper = switch, entry, upper
+        ctx.save_for_backward(y)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if not ctx.switch.on:
+            return grad, None, None, None
+        (y,) = ctx.saved_tensors
+        mask = (y > 0) & (grad >= 0)
+        if ctx.upper is not None:
+            mask &= y < ctx.upper
+        ctx.entry.mask = mask
+        return grad.clamp(min=0), None, None, None
+
+
+class StemPass:
+    """One forward's record of the stem: its input ``x``, output ``z`` (before the detach), the leaf
+    ``z_leaf`` the rest of the model saw, and the entries its guided backward fills in."""
+
+    def __init__(self, owner: "FrozenStem", model: nn.Module, plan: StemPlan, switch) -> None:
+        self.owner = owner
+        self.model = model
+        self.plan = plan
+        self.switch = switch
+        self.entries: list[_Entry] = []
+        self.x: torch.Tensor | None = None
+        self.z: torch.Tensor | None = None
+        self.z_leaf: torch.Tensor | None = None
+        self.cut_calls = 0
+        self.in_stem = True
+        self.problem: str | None = None
+        self._gx: torch.Tensor | None = None
+
+    # -- recording (hooks call these during the forward) --------------------------------------------
+    def gate(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        entry = _Entry(module)
+        self.entries.append(entry)
+        upper = 6.0 if isinstance(module, nn.ReLU6) else None
+        return _RecordingGate.apply(output, self.switch, entry, upper)
+
+    def record_pool(self, module: _MaxPoolNd, inputs: tuple) -> None:
+        dims = inputs[0].dim() - 2
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
+        with torch.no_grad():
+            _, idx = pool(inputs[0], module.kernel_size, module.stride, module.padding, module.dilation,
+                          ceil_mode=module.ceil_mode, return_indices=True)
+        self.entries.append(_Entry(module, idx))
+
+    def enter_cut(self, inputs: tuple) -> tuple | None:
+        self.cut_calls += 1
+        if self.cut_calls > 1 or len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            self.problem = f"the cut module {self.plan.cut!r} was not called once with one tensor"
+            return None
+        self.in_stem = False
+        self.z = inputs[0]
+        self.z_leaf = inputs[0].detach().requires_grad_(True)
+        return (self.z_leaf,)
+
+    def bypass(self, logits: torch.Tensor) -> bool:
+        """Whether the logits depend on the input other than through the stem's output (a skip
+        connection around the cut): the detached stem would then lose that path."""
+        target = torch.autograd.graph.get_gradient_edge(self.x).node
+        seen, todo = set(), [logits.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in seen:
+                continue
+            if node is target:
+                return True
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+        return False
+
+    # -- the two directions ----------------------------------------------------------------------
+    def guided_backward(self, g: torch.Tensor) -> torch.Tensor:
+        """``B g``: the guided backward from the stem's output to its input; frees the stem's graph."""
+        if self._gx is not None:
+            gx, self._gx = self._gx, None
+            return gx
+        self.switch.on = True
+        try:
+            (gx,) = torch.autograd.grad(self.z, self.x, g)
+        finally:
+            self.switch.on = False
+        self.z = None
+        return gx
+
+    def verify(self, g: torch.Tensor) -> None:
+        """Checks once per model, on a random direction, that the replay is the transpose of the guided
+        backward (:func:`_check_adjoint`); keeps ``B g`` for the forward that follows.
+
+        Raises:
+            StemInexactError: it is not (then nothing of this pass may be used).
+        """
+        self.switch.on = True
+        try:
+            (gx,) = torch.autograd.grad(self.z, self.x, g.detach())
+        finally:
+            self.switch.on = False
+        self.z = None
+        generator = torch.Generator(device=gx.device).manual_seed(0)
+        u = torch.randn(gx.shape, generator=generator, device=gx.device, dtype=gx.dtype)
+        _check_adjoint(u, gx, self.transpose(u.clone()), g.detach())
+        self._gx = gx
+
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """``B^T u``: the stem's masked linear forward (biases and shifts dropped)."""
+        entries = iter(self.entries)
+        replaced = [m for _, m in self.plan.stem if isinstance(m, REPLAYED)]
+        for m in replaced:
+            m.forward = self._linear_forward(m, entries)
+        self.owner.replaying = self
+        try:
+            with torch.no_grad():
+                self.model(u)
+        except _ReachedCut as reached:
+            return reached.value
+        finally:
+            self.owner.replaying = None
+            for m in replaced:
+                del m.forward
+        raise StemInexactError(f"the replay of the stem never reached the cut module {self.plan.cut!r}")
+
+    @staticmethod
+    def _linear_forward(m: nn.Module, entries: Iterator[_Entry]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def recorded() -> torch.Tensor:
+            entry = next(entries, None)
+            if entry is None or entry.module is not m:
+                raise StemInexactError("the stem's replay called its modules in another order than its forward")
+            return entry.mask
+
+        if isinstance(m, _ConvNd):
+            return lambda u: m._conv_forward(u, m.weight, None)
+        if isinstance(m, nn.Linear):
+            return lambda u: F.linear(u, m.weight)
+        if isinstance(m, _BatchNorm):
+            def batch_norm(u: torch.Tensor) -> torch.Tensor:
+                scale = torch.rsqrt(m.running_var + m.eps)
+                if m.weight is not None:
+                    scale = scale * m.weight
+                return u * scale.view(-1, *[1] * (u.dim() - 2))
+            return batch_norm
+        if isinstance(m, ACTIVATIONS):
+            def activation(u: torch.Tensor) -> torch.Tensor:
+                mask = recorded()
+                if mask is None:  # its output never reached the stem's output
+                    return torch.zeros_like(u)
+                return u.mul_(mask) if m.inplace else u * mask
+            return activation
+
+        def max_pool(u: torch.Tensor) -> torch.Tensor:
+            idx = recorded()
+            return u.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        return max_pool
+
+
+class _StemGuided(torch.autograd.Function):
+    """``g_x = B g`` forward, ``B^T u`` backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, stem: StemPass) -> torch.Tensor:  # type: ignore[override]
+        gx = stem.guided_backward(g)
+        ctx.stem = stem
+        ctx.save_for_backward(g, gx)
+        return gx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u: torch.Tensor):  # type: ignore[override]
+        g, gx = ctx.saved_tensors
+        v = ctx.stem.transpose(u)
+        _check_adjoint(u, gx, v, g)
+        return v, None
+
+
+def _check_adjoint(u: torch.Tensor, gx: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> None:
+    """``<u, B g> = <B^T u, g>`` to rounding: the replay is the transpose of the guided backward."""
+    lhs, rhs = (u * gx).sum(dtype=torch.float64), (v * g).sum(dtype=torch.float64)
+    scale = (u * gx).abs().sum(dtype=torch.float64) + (v * g).abs().sum(dtype=torch.float64)
+    rtol = 1e-9 if u.dtype == torch.float64 else 1e-3
+    if float((lhs - rhs).abs()) > rtol * float(scale) + 1e-30:
+        raise StemInexactError(
+            f"The fast guided backward through the frozen stem is not exact on this model (adjoint check: "
+            f"{float(lhs):.6g} vs {float(rhs):.6g}): its forward holds an operation the replay cannot see "
+            "(e.g. a functional F.relu or an added constant). Set saliency.fast_stem=false."
+        )
+
+
+def stem_guided(g: torch.Tensor, stem: StemPass, create_graph: bool) -> torch.Tensor:
+    """The guided input gradient from the gradient ``g`` at the stem's output; differentiable w.r.t.
+    ``g`` (by the replay) when ``create_graph``.
+
+    Raises:
+        StemInexactError: on the first differentiable call for a model whose replay is not exact.
+    """
+    if create_graph and g.requires_grad:
+        if not stem.owner.verified:
+            stem.verify(g)
+            stem.owner.verified = True
+        return _StemGuided.apply(g, stem)
+    return stem.guided_backward(g)
+
+
+class FrozenStem:
+    """Finds a model's frozen stem and runs the guided backward through it with :class:`StemPass`.
+
+    The first armed forward records the modules' call order (:func:`plan_stem`); later forwards,
+    inside :meth:`recording`, detach the stem's output at the cut and gate the stem's activations
+    with recording gates. ``reason`` says why the fast path is off (logged once per reason).
+    """
+
+    def __init__(self, model: nn.Module, target_layer: str, switch) -> None:
+        self.model = model
+        self.target_layer = target_layer
+        self.switch = switch
+        self.plan: StemPlan | None = None
+        self.current: StemPass | None = None
+        self.replaying: StemPass | None = None
+        self.verified = False
+        self.reason: str | None = None
+        self._calls: list[str] | None = None
+        self._logged: set[str] = set()
+        self._order_handles = [m.register_forward_pre_hook(self._make_order_hook(n))
+                               for n, m in model.named_modules()]
+        self._handles: list = []
+
+    def _make_order_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if self._calls is not None:
+                self._calls.append(name)
+        return hook
+
+    def _install(self, plan: StemPlan) -> None:
+        modules = dict(self.model.named_modules())
+        self._handles.append(modules[plan.cut].register_forward_pre_hook(self._cut_hook, prepend=True))
+        for _, m in plan.stem:
+            if isinstance(m, _MaxPoolNd):
+                self._handles.append(m.register_forward_hook(self._pool_hook))
+
+    def _cut_hook(self, module: nn.Module, inputs: tuple) -> tuple | None:
+        if self.replaying is not None:
+            raise _ReachedCut(inputs[0])
+        return None if self.current is None else self.current.enter_cut(inputs)
+
+    def _pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.current is not None and self.current.in_stem and torch.is_grad_enabled():
+            self.current.record_pool(module, inputs)
+
+    def disable(self, reason: str) -> None:
+        self.reason = reason
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("Guided Grad-CAM: fast guided backward through the frozen stem is off: %s; using the "
+                        "double backward (slower, same result).", reason)
+
+    def gate(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
+        """The recording gate for a stem activation of the forward being recorded, else ``None``."""
+        current = self.current
+        if current is None or not current.in_stem:
+            return None
+        return current.gate(module, output)
+
+    @contextmanager
+    def recording(self, x: torch.Tensor) -> Iterator[StemPass | None]:
+        """Arms the stem for one forward of ``x``; yields the :class:`StemPass` when the fast path is on."""
+        if self.plan is None:
+            self._calls = []
+            try:
+                yield None
+            finally:
+                calls, self._calls = self._calls, None
+                for h in self._order_handles:
+                    h.remove()
+                self._order_handles = []
+            if calls:
+                self.plan = plan_stem(self.model, calls, self.target_layer)
+                if self.plan.reason is not None:
+                    self.disable(self.plan.reason)
+                else:
+                    self._install(self.plan)
+            return
+        reason = self.plan.reason or stem_state_reason(self.plan)
+        if reason is None and torch.is_autocast_enabled(x.device.type):
+            reason = "mixed precision (autocast) is on"
+        if reason is None and not x.requires_grad:
+            reason = "the input does not require grad"
+        if reason is not None:
+            self.disable(reason)
+            yield None
+            return
+        self.reason = None
+        self.current = StemPass(self, self.model, self.plan, self.switch)
+        self.current.x = x
+        try:
+            yield self.current
+        finally:
+            self.current = None
+
+    def remove(self) -> None:
+        for h in self._order_handles + self._handles:
+            h.remove()
+        self._order_handles, self._handles = [], []
