@@ -1,7 +1,9 @@
 """Train one configuration: ``python -m trustcnn.train [overrides]`` (``-m`` for sweeps).
 
-``train(cfg)`` does the work and is what tests call; ``main`` is the Hydra wrapper that returns the
-optimized metric so sweepers can use it, and keeps a multirun going when one job fails.
+``train(cfg)`` does the work and is what tests call; ``run_job(cfg)`` is one Hydra job (the task function
+``trustcnn.cli`` hands it to): it returns the optimized metric so sweepers can use it, keeps a multirun going
+when one job fails, and runs a configuration a sweep repeats once. The command line itself (``--help``,
+completion, errors) is :mod:`trustcnn.cli`.
 """
 
 from __future__ import annotations
