@@ -153,6 +153,10 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR, config_name: 
         overrides = OverridesParser.create().parse_overrides(list(args.overrides))
     except HydraException as err:
         raise CommandLineError(f"{err}. Overrides are key=value, group=option or key=a,b,c (a sweep, with -m).") from None
+    sweeps = [o.input_line for o in overrides if o.is_sweep_override() and not o.is_hydra_override()]
+    if sweeps and not args.multirun:
+        raise CommandLineError(f"{sweeps[0]} gives several values (a sweep): add -m to run one job per value, "
+                               "or give one value.")
     groups = config_groups(conf_dir)
     choices, keys = [], []
     for o in overrides:
@@ -182,8 +186,8 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR, config_name: 
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=choices, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise CommandLineError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a bad override, or a config file that cannot be read (YAML errors)
+        raise CommandLineError(f"The configuration cannot be composed: {err}") from None
     finally:
         GlobalHydra.instance().clear()
     for key in keys:
@@ -196,8 +200,8 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR, config_name: 
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=given, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise CommandLineError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a bad override, or a config file that cannot be read (YAML errors)
+        raise CommandLineError(f"The configuration cannot be composed: {err}") from None
     finally:
         GlobalHydra.instance().clear()
     for key in VALUE_CHECKS:  # values set by the config files (e.g. an experiment), not on the command line
