@@ -20,6 +20,7 @@ from trustcnn.saliency.methods import (
     select_targets,
 )
 from trustcnn.saliency.normalize import normalize_maps
+from trustcnn.saliency.posthoc import posthoc_gradcam
 
 __all__ = [
     "BatchCoupling",
@@ -42,4 +43,5 @@ __all__ = [
     "build_saliency",
     "select_targets",
     "normalize_maps",
+    "posthoc_gradcam",
 ]
