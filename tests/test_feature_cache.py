@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchvision
 from hydra.utils import instantiate
@@ -105,6 +106,24 @@ def _train_losses(output_dir: Path) -> list[float]:
 # Equality of cached and uncached training
 
 
+class RecordBatchShapes(pl.Callback):
+    """The shape of every batch's first tensor, by stage, as the trainer's loops receive them."""
+
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+
+    def _record(self, stage: str, batch) -> None:
+        RecordBatchShapes.shapes.setdefault(stage, set()).add(tuple(batch[0].shape[1:]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record("train", batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("val", batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record("test", batch)
+
+
 def _run_pair(make) -> dict[str, tuple[dict[str, float], dict]]:
     runs = {}
     for mode in ("off", "auto"):
@@ -112,14 +131,19 @@ def _run_pair(make) -> dict[str, tuple[dict[str, float], dict]]:
         with open_dict(cfg):
             cfg.trainer.max_epochs = 2
             cfg.trainer.log_every_n_steps = 1
-        runs[mode] = (cfg, *train(cfg))
+            cfg.callbacks.batch_shapes = {"_target_": "test_feature_cache.RecordBatchShapes"}
+        RecordBatchShapes.shapes = {}
+        runs[mode] = (cfg, *train(cfg), RecordBatchShapes.shapes)
     return runs
 
 
-def _assert_equal_runs(runs, cached_stages: set[str]) -> None:
-    (cfg_off, m_off, o_off), (cfg_on, m_on, o_on) = runs["off"], runs["auto"]
+def _assert_equal_runs(runs, cached_stages: set[str], image: tuple[int, ...], features: tuple[int, ...]) -> None:
+    (cfg_off, m_off, o_off, seen_off), (cfg_on, m_on, o_on, seen_on) = runs["off"], runs["auto"]
     assert o_off["module"].feature_stages == set()
     assert o_on["module"].feature_stages == cached_stages
+    # What the training, validation and test loops were fed: images without the cache, features with it.
+    assert seen_off == {"train": {image}, "val": {image}, "test": {image}}
+    assert seen_on == {"train": {features}, "val": {features}, "test": {features}}
     assert set(m_off) == set(m_on)
     for key, value in m_off.items():
         assert m_on[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -142,9 +166,9 @@ def test_cached_training_equals_uncached_decoy_digits(make_cfg) -> None:
         return cfg
 
     runs = _run_pair(make)
-    _assert_equal_runs(runs, {"train", "val", "test", "test_consistent"})
+    _assert_equal_runs(runs, {"train", "val", "test", "test_consistent"}, (3, 32, 32), (32, 8, 8))
     # Not a degenerate run: the maps are neither empty nor uniform, and the trained layer moved.
-    _, metrics, objects = runs["auto"]
+    _, metrics, objects, _ = runs["auto"]
     assert 0.05 < metrics["test/s_hat"] < 0.95
     pretrained = torch.load(objects["pretrained"], weights_only=True)
     trained = objects["module"].net.state_dict()
@@ -153,7 +177,7 @@ def test_cached_training_equals_uncached_decoy_digits(make_cfg) -> None:
 
 def test_cached_training_equals_uncached_mobilenet_transfer(pets_cfg) -> None:
     runs = _run_pair(lambda *o, output: pets_cfg("loss.lam=0.5", *o, output=output, n=10))
-    _assert_equal_runs(runs, {"train", "val", "test"})
+    _assert_equal_runs(runs, {"train", "val", "test"}, (3, 64, 64), (1280, 2, 2))
     assert runs["auto"][2]["module"]._features is not None
 
 
@@ -172,8 +196,8 @@ def test_cached_features_are_the_stem_outputs_and_reused(pets_cfg, monkeypatch) 
         expected = _stem_outputs(module.net, "backbone", images)
         torch.testing.assert_close(cached.features, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(cached.labels, labels)
-    # The loaders hand the cached features out; the saliency grid's loader keeps the images.
-    assert next(iter(datamodule.train_dataloader()))[0].shape[1:] == (1280, 2, 2)
+    # Outside a running trainer (the saliency grid, evaluate, code after a run) the loaders give images.
+    assert next(iter(datamodule.train_dataloader()))[0].shape[1:] == (3, 64, 64)
     assert next(iter(datamodule.main_test_dataloader()))[0].shape[1:] == (3, 64, 64)
 
     again, _, _ = _prepare(cfg)

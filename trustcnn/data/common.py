@@ -25,6 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageFile
+from pytorch_lightning.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -673,10 +674,14 @@ class BaseDataModule(pl.LightningDataModule):
 
     def use_cached_sets(self, sets: dict[str, Dataset]) -> None:
         """Serve these datasets (by split name, same length and order as the split's) from the stage
-        loaders; :meth:`main_test_dataloader` keeps the images (saliency grid, evaluate)."""
+        loaders while an attached trainer runs (fit, validate, test), whose module expects them. Every other
+        caller (the saliency grid, evaluate, code after the run) gets the images."""
         self.cached_sets = dict(sets)
 
     def _stage_set(self, name: str, dataset: Dataset | None) -> Dataset | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.status != TrainerStatus.RUNNING:
+            return dataset
         return getattr(self, "cached_sets", {}).get(name, dataset)
 
     def resume_within_epoch(self, epoch: int, batches: int) -> None:
