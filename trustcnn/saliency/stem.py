@@ -291,7 +291,8 @@ class StemPass:
                 mask = recorded()
                 if mask is None:  # its output never reached the stem's output
                     return torch.zeros_like(u)
-                return u.mul_(mask) if m.inplace else u * mask
+                # where(), not a product: a bool mask would be converted to u's dtype on every replay.
+                return torch.where(mask, u, 0.0)
             return activation
 
         def max_pool(u: torch.Tensor) -> torch.Tensor:
