@@ -6,7 +6,9 @@ import csv
 import logging
 import multiprocessing
 import os
+import queue
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -274,7 +276,13 @@ def test_two_parallel_jobs_share_one_cache(pets_cfg, tmp_path: Path) -> None:
     jobs = [ctx.Process(target=_job, args=(OmegaConf.to_yaml(cfg, resolve=True), barrier, results)) for _ in range(2)]
     for job in jobs:
         job.start()
-    outcomes = [results.get(timeout=300) for _ in jobs]
+    outcomes, deadline = [], time.monotonic() + 300
+    while len(outcomes) < len(jobs):  # fail as soon as a job dies (e.g. both wrote one entry)
+        try:
+            outcomes.append(results.get(timeout=1))
+        except queue.Empty:
+            assert not any(job.exitcode for job in jobs), [job.exitcode for job in jobs]
+            assert time.monotonic() < deadline, "the jobs did not finish in 300 s"
     for job in jobs:
         job.join(timeout=60)
         assert job.exitcode == 0
