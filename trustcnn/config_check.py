@@ -94,6 +94,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
     "loss.form": _one_of("paper", "prose"),
     "test_checkpoint": _one_of("last", "best"),
     "trainer.max_epochs": _positive_int,
+    "feature_cache": _one_of("auto", "off"),
 }
 
 

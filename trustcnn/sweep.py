@@ -58,8 +58,9 @@ DUPLICATE = "duplicate.json"
 #: ``<sweep dir>/.claims/<hash of a configuration>.json``: the job that runs it (:func:`run_once`).
 CLAIMS = ".claims"
 _JOB_MARKERS = ("metrics.json", "error.json", DUPLICATE, "config.yaml", ".hydra/overrides.yaml")
-#: Keys that may differ between a finished job and its rerun without making the stored result another config's.
-IGNORED_KEYS = frozenset({"skip_finished"})
+#: Keys that may differ between a finished job and its rerun without making the stored result another config's
+#: (``feature_cache`` changes the speed, not the results; runs from before it existed lack it).
+IGNORED_KEYS = frozenset({"skip_finished", "feature_cache"})
 COMMAND = "python -m trustcnn.train"
 STOPPED = "the multirun stopped early, with an error or an interrupt"
 
