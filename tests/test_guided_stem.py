@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import OrderedDict
 
 import pytest
 import torch
