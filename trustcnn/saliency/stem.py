@@ -3,7 +3,7 @@
 The part of a model in front of its first trainable module (or the target layer, if that comes
 first) is frozen and fixed by the forward pass: its guided backward is a linear map ``B`` of the
 gradient ``g`` arriving at the stem's output ``z``, once its masks are fixed (each ReLU's forward
-mask, times the sign pattern ``g >= 0`` seen at its output in this guided backward). So
+mask, times the sign pattern ``g > 0`` seen at its output in this guided backward). So
 
 * forward  = the guided backward through the stem, ``g_x = B g`` (one first-order backward, which
   also records the masks), and
@@ -129,34 +129,48 @@ class _Entry:
     """What the guided backward recorded for one activation or max-pool call of the stem."""
 
     module: nn.Module
-    mask: torch.Tensor | None = None  # activation: forward mask & (g >= 0); max-pool: argmax indices
+    mask: torch.Tensor | None = None  # activation: forward mask & (g > 0); max-pool: argmax indices
 
 
-class _RecordingGate(torch.autograd.Function):
-    """The guided gate of a stem activation that also records the mask its guided backward applies.
+class _GuidedActivation(torch.autograd.Function):
+    """A stem ReLU/ReLU6 during the recorded forward: the activation itself (in place where the module
+    is), whose backward, while the guided switch is on, is the guided rule ``relu'(x) * clamp(g, min=0)``
+    and records where it passed a gradient. Same forward values as the module; two elementwise passes
+    in backward plus the mask, instead of a gate's clone, clamp and mask ops beside the activation's own
+    backward.
 
-    Like :class:`~trustcnn.saliency.guided._GuidedGate`: identity forward; backward passes
-    ``clamp(g, min=0)`` while the switch is on; the activation's own backward then multiplies by its
-    forward mask. The recorded mask is the product of both, with ``g >= 0`` as ``clamp``'s derivative
-    uses (so the transpose equals autograd's double backward exactly, zeros included).
+    The recorded mask is ``g_in != 0`` = forward mask & ``g > 0``. Autograd's double backward passes
+    ``clamp``'s derivative at ``g == 0`` too; those positions differ only in the transposed gradient
+    ``B^T u`` there, which reaches the parameters only through guided gradients that are themselves
+    exactly zero there with zero derivative (a gradient killed by a gate or a max-pool), so the
+    parameter gradients are the same (the tests compare them with the double backward).
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, switch, entry: _Entry, upper: float | None):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, switch, entry: _Entry, upper: float | None,  # type: ignore[override]
+                inplace: bool) -> torch.Tensor:
         ctx.switch, ctx.entry, ctx.upper = switch, entry, upper
+        if inplace:
+            y = x.relu_() if upper is None else x.clamp_(0.0, upper)
+            ctx.mark_dirty(x)
+        else:
+            y = x.relu() if upper is None else x.clamp(0.0, upper)
         ctx.save_for_backward(y)
-        return y.clone()
+        return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if not ctx.switch.on:
-            return grad, None, None, None
         (y,) = ctx.saved_tensors
-        mask = (y > 0) & (grad >= 0)
-        if ctx.upper is not None:
-            mask &= y < ctx.upper
-        ctx.entry.mask = mask
-        return grad.clamp(min=0), None, None, None
+        guided = ctx.switch.on
+        g = grad.clamp(min=0) if guided else grad
+        if ctx.upper is None:
+            g_in = torch.ops.aten.threshold_backward(g, y, 0)
+        else:
+            g_in = torch.ops.aten.hardtanh_backward(g, y, 0.0, ctx.upper)
+        if guided:
+            ctx.entry.mask = g_in != 0
+        return g_in, None, None, None, None
 
 
 class StemPass:
@@ -178,11 +192,11 @@ class StemPass:
         self._gx: torch.Tensor | None = None
 
     # -- recording (hooks call these during the forward) --------------------------------------------
-    def gate(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    def activation(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         entry = _Entry(module)
         self.entries.append(entry)
         upper = 6.0 if isinstance(module, nn.ReLU6) else None
-        return _RecordingGate.apply(output, self.switch, entry, upper)
+        return _GuidedActivation.apply(x, self.switch, entry, upper, module.inplace)
 
     def record_pool(self, module: _MaxPoolNd, inputs: tuple) -> None:
         dims = inputs[0].dim() - 2
@@ -352,8 +366,9 @@ class FrozenStem:
     """Finds a model's frozen stem and runs the guided backward through it with :class:`StemPass`.
 
     The first armed forward records the modules' call order (:func:`plan_stem`); later forwards,
-    inside :meth:`recording`, detach the stem's output at the cut and gate the stem's activations
-    with recording gates. ``reason`` says why the fast path is off (logged once per reason).
+    inside :meth:`recording`, detach the stem's output at the cut and run the stem's activations as
+    :class:`_GuidedActivation`, which records their guided masks. ``reason`` says why the fast path is
+    off (logged once per reason).
     """
 
     def __init__(self, model: nn.Module, target_layer: str, switch) -> None:
@@ -370,6 +385,7 @@ class FrozenStem:
         self._order_handles = [m.register_forward_pre_hook(self._make_order_hook(n))
                                for n, m in model.named_modules()]
         self._handles: list = []
+        self._activations: set[nn.Module] = set()
 
     def _make_order_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -378,6 +394,7 @@ class FrozenStem:
         return hook
 
     def _install(self, plan: StemPlan) -> None:
+        self._activations = {m for _, m in plan.stem if isinstance(m, ACTIVATIONS)}
         modules = dict(self.model.named_modules())
         self._handles.append(modules[plan.cut].register_forward_pre_hook(self._cut_hook, prepend=True))
         for _, m in plan.stem:
@@ -401,11 +418,23 @@ class FrozenStem:
                         "double backward (slower, same result).", reason)
 
     def gate(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor | None:
-        """The recording gate for a stem activation of the forward being recorded, else ``None``."""
+        """For :class:`GuidedBackprop`'s hook: a stem activation of the forward being recorded is its own
+        guided gate already (:class:`_GuidedActivation`), so its output is kept as it is; ``None`` for
+        every other activation (which gets the ordinary gate)."""
         current = self.current
-        if current is None or not current.in_stem:
+        if current is None or not current.in_stem or module not in self._activations:
             return None
-        return current.gate(module, output)
+        return output
+
+    def _activation_forward(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        original = type(module).forward
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            current = self.current
+            if current is None or not current.in_stem or not torch.is_grad_enabled():
+                return original(module, x)
+            return current.activation(module, x)
+        return forward
 
     @contextmanager
     def recording(self, x: torch.Tensor) -> Iterator[StemPass | None]:
@@ -438,10 +467,14 @@ class FrozenStem:
         self.reason = None
         self.current = StemPass(self, self.model, self.plan, self.switch)
         self.current.x = x
+        for m in self._activations:
+            m.forward = self._activation_forward(m)
         try:
             yield self.current
         finally:
             self.current = None
+            for m in self._activations:
+                del m.forward
 
     def remove(self) -> None:
         for h in self._order_handles + self._handles:
