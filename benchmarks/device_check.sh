@@ -85,7 +85,7 @@ stage gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests
 stage step_time 100 $PY benchmarks/paper_step_time.py --device cuda --precision 32 bf16 --batch 32 --size 224 \
     --repeats 5 --probe-batch 32 --json "$RESULTS/step_time.json"
 if [ -f benchmarks/speed.py ] && $PY benchmarks/speed.py --help 2>/dev/null | grep -q -- "--device"; then
-    stage speed 60 $PY benchmarks/speed.py --quick --device cuda
+    stage speed 120 $PY benchmarks/speed.py --quick --device cuda --out "$RESULTS/speed.md"
 fi
 
 # 3. a 2-job submitit-local sweep on this node's GPU(s)
