@@ -132,6 +132,19 @@ def _values(override: Override) -> list[Any]:
     return list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
 
 
+def _compose(conf_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+    """The config of ``overrides`` (with its Hydra part); a bad override or an unreadable config file
+    becomes a :class:`CommandLineError`."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as err:  # noqa: BLE001 - a bad override, or a config file that cannot be read (YAML errors)
+        raise CommandLineError(f"The configuration cannot be composed: {err}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "train",
                        check_output_dirs: bool = True) -> DictConfig | None:
     """Check the overrides of ``python -m trustcnn.<app> argv`` before Hydra runs.
@@ -183,28 +196,14 @@ def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR, config_name: 
                 keys.append(o.key_or_group)
             for value in _values(o):
                 _check_value(o.key_or_group, value)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=choices, return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - a bad override, or a config file that cannot be read (YAML errors)
-        raise CommandLineError(f"The configuration cannot be composed: {err}") from None
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = _compose(conf_dir, config_name, choices)
     for key in keys:
         _check_key(cfg, key)
     # Now every key exists: the config this command line runs (each sweep at its first value; an interval
     # sweep, as Optuna's, at the config's own value), for the checks of values and directories.
     given = [o.input_line if o.is_delete() else f"{o.input_line.split('=', 1)[0]}={_first(o)}" for o in overrides
              if _enumerable(o)]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=given, return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - a bad override, or a config file that cannot be read (YAML errors)
-        raise CommandLineError(f"The configuration cannot be composed: {err}") from None
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = _compose(conf_dir, config_name, given)
     for key in VALUE_CHECKS:  # values set by the config files (e.g. an experiment), not on the command line
         if key not in {o.key_or_group for o in overrides}:
             _check_value(key, OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False))
