@@ -114,21 +114,23 @@ def count_jobs(command: list[str]) -> int:
 
 def select(out: Path, arms: tuple[Arm, ...] = ARMS) -> dict[str, dict]:
     """Per arm, the tuning job with the highest ``val/acc`` (finished jobs only) and its overrides."""
+    from trustcnn.sweep import job_dirs, read_job
+
     chosen: dict[str, dict] = {}
     rows = []
     for arm in arms:
         source = TUNED_WITH.get(arm.name, arm.name)
         best = None
-        for job in sorted((out / "tune" / source).glob("[0-9]*"), key=lambda p: int(p.name)):
-            metrics_file, overrides_file = job / "metrics.json", job / ".hydra" / "overrides.yaml"
-            if not metrics_file.is_file() or not overrides_file.is_file():
+        for job_dir in job_dirs(out / "tune" / source):
+            job = read_job(job_dir, "val/acc")
+            if not job.finished:
                 continue
-            value = json.loads(metrics_file.read_text()).get("val/acc", math.nan)
-            setting = [o for o in _read_overrides(overrides_file) if o.startswith(("optim.lr=", "loss.lam=", "loss.weight="))]
+            value = math.nan if job.value is None else job.value
+            setting = [o for o in job.overrides if o.startswith(("optim.lr=", "loss.lam=", "loss.weight="))]
             if arm.name == source:
-                rows.append((arm.name, " ".join(setting), value, job.name))
+                rows.append((arm.name, " ".join(setting), value, job_dir.name))
             if math.isfinite(value) and (best is None or value > best[0]):
-                best = (value, setting, job.name)
+                best = (value, setting, job_dir.name)
         if best is None:
             raise SystemExit(f"shortcut_study: no finished tuning job for arm {arm.name!r} in {out / 'tune' / source}; "
                              "run the tune stage first (it resumes where it stopped).")
@@ -141,10 +143,6 @@ def select(out: Path, arms: tuple[Arm, ...] = ARMS) -> dict[str, dict]:
         lines.append(f"| {arm} | {setting} | {value:.4f} | {job} | {mark} |")
     (out / "selected.md").write_text("\n".join(lines) + "\n")
     return chosen
-
-
-def _read_overrides(path: Path) -> list[str]:
-    return [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("- ")]
 
 
 def write_arm_configs(out: Path, chosen: dict[str, dict]) -> Path:
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             failed |= _run(command, args.dry_run) != 0
     if "select" in stages and not args.dry_run:
         chosen = select(out, arms)
-        print(f"selected (val/acc on random-decoy validation): "
+        print("selected (val/acc on random-decoy validation): "
               + "; ".join(f"{k}: {' '.join(v['overrides'])} ({v['val/acc']:.3f})" for k, v in chosen.items()), flush=True)
     if "final" in stages:
         if args.dry_run:
