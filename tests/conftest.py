@@ -96,3 +96,11 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path
                 "--names", *names, "--questions", "6", "--seed", "3", "--image-size", "96", "--out",
                 str(root / "study"), "--device", "cpu"])
     return root / "study"
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny sweep of tests/tiny_sweep.py (four finished runs, one failed job), trained once per session."""
+    from tiny_sweep import make_sweep
+
+    return make_sweep(tmp_path_factory.mktemp("evalreport"))
