@@ -15,8 +15,9 @@ import time
 import torch
 import torchvision
 
+from trustcnn.layers import get_module
 from trustcnn.loss import CrossEntropyLoss, TrustLoss
-from trustcnn.saliency import build_saliency, get_module
+from trustcnn.saliency import build_saliency
 
 
 def make_step(net: torch.nn.Module, layer: str, setting: str, second_order: bool):

@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from trustcnn.layers import LayerNotFoundError
 from trustcnn.models import (
     UnknownArchError,
     WeightsError,
@@ -26,9 +27,8 @@ from trustcnn.models import (
     torchvision_classifier,
     vgg16,
 )
-from trustcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
 from trustcnn.models.weights import cached_weights_file
-from trustcnn.saliency.capture import LayerNotFoundError
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 MNV2_CACHE_NAME = "mobilenet_v2-b0353104.pth"  # file name of MobileNet_V2_Weights.IMAGENET1K_V1's url
 

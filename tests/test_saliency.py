@@ -13,16 +13,16 @@ from captum.attr import GuidedGradCam, LayerGradCam
 from captum.attr._core.guided_backprop_deconvnet import GuidedBackprop as CaptumGuidedBackprop
 from torch import nn
 
+from trustcnn.layers import LayerNotFoundError
+from trustcnn.maps import upsample
 from trustcnn.saliency import (
     BatchCoupling,
     GradCAM,
     GuidedBackprop,
     GuidedGradCAM,
     LayerCapture,
-    LayerNotFoundError,
     gradcam,
     normalize_maps,
-    upsample,
     uses_batch_statistics,
 )
 

@@ -48,8 +48,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trustcnn.data.common import NO_MASK, UncacheableDataError
+from trustcnn.layers import get_module
 from trustcnn.models.freeze import _inside
-from trustcnn.saliency.capture import get_module, uses_batch_statistics
+from trustcnn.saliency.capture import uses_batch_statistics
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl

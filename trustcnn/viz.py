@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trustcnn.saliency.guided import upsample
+from trustcnn.maps import upsample
 
 
 def overlay_map(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -23,8 +23,6 @@ import os
 
 from trustcnn.data.common import (
     DEFAULT_CACHE_DIR,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BaseDataModule,
     DatasetLayoutError,
     ImageListDataset,
@@ -34,6 +32,7 @@ from trustcnn.data.common import (
     split_fractions,
     stratified_split,
 )
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
 

@@ -31,13 +31,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trustcnn.callbacks import epoch_seed
-from trustcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "NO_MASK",
     "BaseDataModule",
     "UncacheableDataError",

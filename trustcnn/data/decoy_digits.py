@@ -33,9 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from trustcnn.data.common import BaseDataModule, split_fractions, stratified_split, tensors_fingerprint
-
-DECOY_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-DECOY_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+from trustcnn.normalization import DECOY_MEAN, DECOY_STD
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 

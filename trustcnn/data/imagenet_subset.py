@@ -25,8 +25,6 @@ from pathlib import Path
 
 from trustcnn.data.common import (
     DEFAULT_CACHE_DIR,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BaseDataModule,
     DatasetLayoutError,
     ImageListDataset,
@@ -37,6 +35,7 @@ from trustcnn.data.common import (
     stratified_split,
     stratified_subsample,
 )
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
 

@@ -24,8 +24,6 @@ import numpy as np
 from PIL import Image
 
 from trustcnn.data.common import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BaseDataModule,
     DatasetLayoutError,
     ImageListDataset,
@@ -34,6 +32,7 @@ from trustcnn.data.common import (
     split_fractions,
     stratified_split,
 )
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

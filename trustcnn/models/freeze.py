@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from trustcnn.saliency.capture import get_module
+from trustcnn.layers import get_module
 
 
 def _inside(name: str, roots: Iterable[str]) -> bool:
@@ -28,7 +28,7 @@ def freeze_except(net: nn.Module, trainable: list[str]) -> list[str]:
     Args:
         net: the model, modified in place.
         trainable: dotted module names (as in ``net.named_modules()``), each validated with
-            :func:`trustcnn.saliency.capture.get_module` (an unknown name raises ``LayerNotFoundError``
+            :func:`trustcnn.layers.get_module` (an unknown name raises ``LayerNotFoundError``
             listing close matches).
 
     Returns:

@@ -18,8 +18,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from trustcnn.data.decoy_digits import DECOY_MEAN, DECOY_STD
 from trustcnn.models.base import BuiltModel
+from trustcnn.normalization import DECOY_MEAN, DECOY_STD
 
 
 TARGET_LAYER = "features.conv3"

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from trustcnn.layers import get_module
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.freeze import _inside, freeze_except
 from trustcnn.models.weights import TorchvisionNet, build_torchvision_net
-from trustcnn.saliency.capture import get_module
 
 log = logging.getLogger(__name__)
 

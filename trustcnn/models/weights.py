@@ -36,7 +36,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from trustcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
+from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,10 @@ from trustcnn.saliency.capture import (
     BatchCoupling,
     BatchStatisticsProbe,
     LayerCapture,
-    LayerNotFoundError,
-    get_module,
     uses_batch_statistics,
 )
 from trustcnn.saliency.gradcam import gradcam, score_gradients
-from trustcnn.saliency.guided import GuidedBackprop, guided_gradcam, reduce_channels, upsample
+from trustcnn.saliency.guided import GuidedBackprop, guided_gradcam, reduce_channels
 from trustcnn.saliency.methods import (
     SALIENCY_METHODS,
     GradCAM,
@@ -26,15 +24,12 @@ __all__ = [
     "BatchCoupling",
     "BatchStatisticsProbe",
     "LayerCapture",
-    "LayerNotFoundError",
-    "get_module",
     "uses_batch_statistics",
     "score_gradients",
     "gradcam",
     "GuidedBackprop",
     "guided_gradcam",
     "reduce_channels",
-    "upsample",
     "SALIENCY_METHODS",
     "GradCAM",
     "GuidedGradCAM",

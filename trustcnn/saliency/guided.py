@@ -6,9 +6,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trustcnn.maps import upsample
 from trustcnn.saliency.capture import Armable
 from trustcnn.saliency.gradcam import score_gradients
 
@@ -128,15 +128,6 @@ def reduce_channels(maps: torch.Tensor, how: ChannelReduce = "abs_sum") -> torch
     if how == "none":
         return maps
     raise ValueError(f"Unknown channel reduction {how!r}; use one of abs_sum, abs_max, sum, none.")
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize ``(N, h, w)`` maps to ``size`` (``align_corners=False`` for the modes that take it);
-    maps already at ``size`` are returned as they are."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(maps.unsqueeze(1), size=size, mode=mode, **kwargs).squeeze(1)
 
 
 def guided_gradcam(

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trustcnn.saliency.capture import get_module, uses_batch_statistics
+from trustcnn.layers import get_module
+from trustcnn.maps import upsample
+from trustcnn.saliency.capture import uses_batch_statistics
 from trustcnn.saliency.gradcam import score_gradients
-from trustcnn.saliency.guided import upsample
 from trustcnn.saliency.methods import select_targets
 from trustcnn.saliency.normalize import normalize_maps
 
