@@ -31,7 +31,7 @@ from trustcnn.data import (  # noqa: E402
     stratified_split,
     stratified_subsample,
 )
-from trustcnn.data.common import scan_images  # noqa: E402
+from trustcnn.data.images import scan_images  # noqa: E402
 from trustcnn.models.small_cnn import small_cnn  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

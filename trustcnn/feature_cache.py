@@ -9,13 +9,13 @@ where it is not:
   input to the logits passes through, and that ends before the target layer and every trainable module;
   it must be deterministic: eval mode, no normalization with batch statistics, no random ops;
 * a split is cached only when its samples are a fixed function of its files or tensors (no random
-  augmentation; see :meth:`~trustcnn.data.common.ImageListDataset.cache_fingerprint`);
+  augmentation; see :meth:`~trustcnn.data.images.ImageListDataset.cache_fingerprint`);
 * Guided Grad-CAM, and a loss that needs the input gradient (``loss=rrr``), take their gradient down to the
   input pixels, through the stem: never cached;
 * DDP, and precisions other than ``32-true`` and the ``*-mixed`` ones, are not supported (refused).
 
 Where the cache is on, the stage loaders yield ``(features, label, mask)`` in the same order as the images
-would come (the :class:`~trustcnn.data.common.EpochShuffleSampler` still draws the training order) and
+would come (the :class:`~trustcnn.data.samplers.EpochShuffleSampler` still draws the training order) and
 :class:`~trustcnn.module.TrustModule` runs only the part after the stem (:attr:`StemSplit.head`, which calls
 the very same modules, so the saliency hooks, the trained parameters and the checkpoints are unchanged).
 The saliency grid and ``evaluate`` keep reading images.
@@ -47,7 +47,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from trustcnn.data.common import NO_MASK, UncacheableDataError
+from trustcnn.data.base import NO_MASK
+from trustcnn.data.fingerprints import UncacheableDataError
 from trustcnn.layers import get_module
 from trustcnn.models.freeze import _inside
 from trustcnn.saliency.capture import uses_batch_statistics
@@ -55,7 +56,7 @@ from trustcnn.saliency.capture import uses_batch_statistics
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-    from trustcnn.data.common import BaseDataModule
+    from trustcnn.data.base import BaseDataModule
     from trustcnn.module import TrustModule
 
 log = logging.getLogger("trustcnn.feature_cache")
@@ -375,7 +376,7 @@ def prepare_feature_cache(cfg: Any, module: "TrustModule", datamodule: "BaseData
         log.info("Feature cache off (feature_cache=auto): %s.", reason)
         return None
 
-    from trustcnn.data.common import BaseDataModule
+    from trustcnn.data.base import BaseDataModule
 
     datamodule.setup("fit")
     datamodule.setup("test")

@@ -21,17 +21,10 @@ from __future__ import annotations
 import logging
 import os
 
-from trustcnn.data.common import (
-    DEFAULT_CACHE_DIR,
-    BaseDataModule,
-    DatasetLayoutError,
-    ImageListDataset,
-    build_transforms,
-    require_root,
-    scan_images,
-    split_fractions,
-    stratified_split,
-)
+from trustcnn.data.base import BaseDataModule, DatasetLayoutError, require_root
+from trustcnn.data.images import DEFAULT_CACHE_DIR, ImageListDataset, scan_images
+from trustcnn.data.splits import split_fractions, stratified_split
+from trustcnn.data.transforms import build_transforms
 from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from trustcnn.data.common import BaseDataModule, split_fractions, stratified_split, tensors_fingerprint
+from trustcnn.data.base import BaseDataModule
+from trustcnn.data.fingerprints import tensors_fingerprint
+from trustcnn.data.splits import split_fractions, stratified_split
 from trustcnn.normalization import DECOY_MEAN, DECOY_STD
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")

@@ -23,18 +23,10 @@ import os
 import re
 from pathlib import Path
 
-from trustcnn.data.common import (
-    DEFAULT_CACHE_DIR,
-    BaseDataModule,
-    DatasetLayoutError,
-    ImageListDataset,
-    build_transforms,
-    require_root,
-    scan_images,
-    split_fractions,
-    stratified_split,
-    stratified_subsample,
-)
+from trustcnn.data.base import BaseDataModule, DatasetLayoutError, require_root
+from trustcnn.data.images import DEFAULT_CACHE_DIR, ImageListDataset, scan_images
+from trustcnn.data.splits import split_fractions, stratified_split, stratified_subsample
+from trustcnn.data.transforms import build_transforms
 from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")

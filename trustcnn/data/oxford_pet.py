@@ -23,15 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trustcnn.data.common import (
-    BaseDataModule,
-    DatasetLayoutError,
-    ImageListDataset,
-    build_transforms,
-    require_root,
-    split_fractions,
-    stratified_split,
-)
+from trustcnn.data.base import BaseDataModule, DatasetLayoutError, require_root
+from trustcnn.data.images import ImageListDataset
+from trustcnn.data.splits import split_fractions, stratified_split
+from trustcnn.data.transforms import build_transforms
 from trustcnn.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("trustcnn.data")
