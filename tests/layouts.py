@@ -94,10 +94,9 @@ def make_oxford_pet(
     size: tuple[int, int] = (64, 48),
     box: tuple[int, int, int, int] = (14, 6, 36, 30),
     border: int = 2,
-    comment: bool = True,
-    seed: int = 0,
 ) -> dict:
-    """Write ``root/oxford-iiit-pet/{images,annotations}`` in the official Oxford-IIIT Pet format.
+    """Write ``root/oxford-iiit-pet/{images,annotations}`` in the official Oxford-IIIT Pet format, the one
+    ``torchvision.datasets.OxfordIIITPet`` reads (its split files have no comment lines).
 
     Cats are named ``Abyssinian_<i>`` (class 1, species 1), dogs ``beagle_<i>`` (class 12, species 2).
     Every trimap (PNG, mode ``L``) has the pet = 1 on the box ``(x0, y0, x1, y1)`` (exclusive end), a
@@ -126,8 +125,6 @@ def make_oxford_pet(
     counter = {"cat": 0, "dog": 0}
     for split, (n_cat, n_dog) in (("trainval", n_trainval), ("test", n_test)):
         lines = []
-        if comment:
-            lines += ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog"]
         items = []
         for species, n, breed, cls_id in (("cat", n_cat, "Abyssinian", 1), ("dog", n_dog, "beagle", 12)):
             for _ in range(n):

@@ -451,7 +451,7 @@ def test_oxford_labels_masks_and_splits(oxford):
     dm.setup("fit")
     sizes = dm.split_sizes()
     assert sizes == {"train": 18, "val": 2, "test": 7}
-    # labels come from the SPECIES column, comment lines are skipped
+    # labels come from the SPECIES column (cat 1 -> 0, dog 2 -> 1)
     names = [Path(p).stem for p in dm.test_sets[0].paths]
     assert dict(zip(names, dm.test_sets[0].labels)) == dict(info["test"])
     assert sorted(set(dm.val_set.labels)) == [0, 1], "val stratified by species"
@@ -465,6 +465,38 @@ def test_oxford_labels_masks_and_splits(oxford):
     again = OxfordPetDataModule(root=str(root), image_size=32, seed=0)
     again.setup()
     assert again.val_set.paths == dm.val_set.paths
+
+
+@pytest.mark.parametrize("border_as", [1, 0])
+def test_oxford_mask_pixels_follow_the_trimap_rule(oxford, border_as):
+    """Through the whole eval transform, pixel for pixel: with ``image_size=42`` the 64x48 image keeps its
+    size (short side round(42 * 256/224) = 48) and is center-cropped to rows 3:45, columns 11:53."""
+    root, info = oxford
+    dm = OxfordPetDataModule(root=str(root), image_size=42, border_as=border_as, seed=0)
+    dm.setup("test")
+    w, h = info["size"]
+    x0, y0, x1, y1 = info["box"]
+    b = info["border"]
+    trimap = np.full((h, w), 2)
+    trimap[y0 - b : y1 + b, x0 - b : x1 + b] = 3
+    trimap[y0:y1, x0:x1] = 1
+    expected = (trimap == 1) | ((trimap == 3) & bool(border_as))
+    for i in range(len(dm.test_sets[0])):
+        _, _, m = dm.test_sets[0][i]
+        assert torch.equal(m[0], torch.from_numpy(expected[3:45, 11:53]).float())
+
+
+def test_oxford_unreadable_image_falls_back_to_the_next(oxford, caplog):
+    root, info = oxford
+    first = info["test"][0][0]
+    (root / "oxford-iiit-pet" / "images" / f"{first}.jpg").write_bytes(b"not a jpeg")
+    dm = OxfordPetDataModule(root=str(root), image_size=32, seed=0)
+    dm.setup("test")
+    test = dm.test_sets[0]
+    with caplog.at_level(logging.WARNING, logger="trustcnn.data"):
+        x, _, _ = test[0]
+    assert f"{first}.jpg" in caplog.text
+    assert torch.equal(x, test[1][0]), "the next readable image stands in"
 
 
 @pytest.mark.parametrize("border_as", [1, 0])
@@ -502,6 +534,27 @@ def test_oxford_mask_aligned_with_image_eval_and_train(oxford, border_as):
     assert controls >= 3
 
 
+def test_oxford_download_goes_through_torchvision(tmp_path, monkeypatch):
+    """``download=True`` hands torchvision's OxfordIIITPet the folder above ``oxford-iiit-pet/``: what its
+    downloader unpacks there is what ``setup`` reads (the network is replaced by writing the tiny layout)."""
+    import torchvision.datasets.oxford_iiit_pet as tv_pet
+
+    fetched = []
+
+    def unpack(url: str, download_root: str, md5: str | None = None) -> None:
+        if not fetched:
+            make_oxford_pet(Path(download_root).parent, n_trainval=(3, 3), n_test=(2, 2))
+        fetched.append(url.rsplit("/", 1)[1])
+
+    monkeypatch.setattr(tv_pet, "download_and_extract_archive", unpack)
+    dm = OxfordPetDataModule(root=str(tmp_path / "data"), image_size=32, download=True)
+    dm.setup()
+    assert fetched == ["images.tar.gz", "annotations.tar.gz"]
+    assert dm.split_sizes() == {"train": 5, "val": 1, "test": 4}
+    OxfordPetDataModule(root=str(tmp_path / "data"), image_size=32, download=True).setup()
+    assert len(fetched) == 2, "a complete copy is not downloaded again"
+
+
 def test_oxford_errors(tmp_path):
     with pytest.raises(DatasetLayoutError, match="data.root is unset"):
         OxfordPetDataModule(root=None).setup()
@@ -517,8 +570,15 @@ def test_oxford_errors(tmp_path):
     (base / "annotations" / "trimaps" / "beagle_2.png").unlink()
     with pytest.raises(DatasetLayoutError, match=r"missing, e\.g\. .*beagle_2\.png"):
         OxfordPetDataModule(root=str(tmp_path)).setup()
+    (base / "annotations" / "trimaps" / "beagle_2.png").write_bytes(b"")
     (base / "annotations" / "test.txt").write_text("Abyssinian_1 1 7 1\n")
-    with pytest.raises(DatasetLayoutError, match="SPECIES"):
+    with pytest.raises(DatasetLayoutError, match=r"test\.txt gives 1 image.*Abyssinian_1 with SPECIES 7"):
+        OxfordPetDataModule(root=str(tmp_path)).setup()
+    (base / "annotations" / "test.txt").write_text("#Image CLASS-ID SPECIES BREED ID\nAbyssinian_1 1 1 1\n")
+    with pytest.raises(DatasetLayoutError, match=r"test\.txt is not a list of 'Image CLASS-ID SPECIES BREED-ID'"):
+        OxfordPetDataModule(root=str(tmp_path)).setup()
+    (base / "annotations" / "test.txt").write_text("")
+    with pytest.raises(DatasetLayoutError, match=r"test\.txt lists no images"):
         OxfordPetDataModule(root=str(tmp_path)).setup()
     with pytest.raises(ValueError, match="border_as"):
         OxfordPetDataModule(root=str(tmp_path), border_as=2)

@@ -1,18 +1,20 @@
 """Oxford-IIIT Pet as cats vs dogs *with* object masks (for the mask loss and the mask metrics).
 
-Official layout, as ``torchvision.datasets.OxfordIIITPet`` reads and downloads it::
+Read through ``torchvision.datasets.OxfordIIITPet``: its split files, its binary labels and its download.
+The layout it reads (the official archives unpacked)::
 
     <root>/oxford-iiit-pet/images/<Name>.jpg
     <root>/oxford-iiit-pet/annotations/trainval.txt     lines "Image CLASS-ID SPECIES BREED-ID"
-    <root>/oxford-iiit-pet/annotations/test.txt         (species 1 = cat, 2 = dog; '#' = comment)
+    <root>/oxford-iiit-pet/annotations/test.txt         (species 1 = cat, 2 = dog)
     <root>/oxford-iiit-pet/annotations/trimaps/<Name>.png   1 = pet, 2 = background, 3 = border
 
-Labels are binary, from the SPECIES column: cat = 0, dog = 1. The mask is pet = 1, background = 0 and
-border = ``border_as`` (1 by default: the border band is part of the animal's outline). The same spatial
-transform is applied to image and mask (mask with nearest-neighbour interpolation): resize + center
-crop for evaluation, ``RandomResizedCrop`` + horizontal flip for training when ``augment``. The test set
-is the official ``test.txt``; validation is carved from ``trainval.txt`` deterministically, stratified
-by species.
+Labels are torchvision's ``binary-category`` (the SPECIES column): cat = 0, dog = 1. The mask is the
+``segmentation`` trimap with pet = 1, background = 0 and border = ``border_as`` (1 by default: the border
+band is part of the animal's outline). The same spatial transform is applied to image and mask (mask with
+nearest-neighbour interpolation): resize + center crop for evaluation, ``RandomResizedCrop`` + horizontal
+flip for training when ``augment``. The test set is the official ``test.txt``; validation is carved from
+``trainval.txt`` deterministically, stratified by species. An image that fails to decode is replaced by
+the next readable one with a warning naming it (:class:`~trustcnn.data.images.ImageListDataset`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets import OxfordIIITPet
 
 from trustcnn.data.base import BaseDataModule, DatasetLayoutError, require_root
 from trustcnn.data.images import ImageListDataset
@@ -41,23 +44,6 @@ FIX = (
     "network), or unpack the official images.tar.gz and annotations.tar.gz "
     "(https://www.robots.ox.ac.uk/~vgg/data/pets/) into <root>/oxford-iiit-pet/ and set data.root=<root>."
 )
-
-
-def read_split_file(path: Path) -> list[tuple[str, int]]:
-    """``(image name, binary label)`` of each line of an official split file (cat = 0, dog = 1)."""
-    out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) < 3 or parts[2] not in ("1", "2"):
-            raise DatasetLayoutError(
-                f"OxfordPetDataModule: {path}:{lineno} is not an 'Image CLASS-ID SPECIES BREED-ID' line "
-                f"with SPECIES 1 (cat) or 2 (dog): {line!r}.\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
-            )
-        out.append((parts[0], int(parts[2]) - 1))
-    return out
 
 
 def trimap_to_mask(trimap: np.ndarray, border_as: int = 1) -> np.ndarray:
@@ -145,13 +131,12 @@ class OxfordPetDataModule(BaseDataModule):
         base = self._base()
         if not self._missing(base):
             return
-        from torchvision.datasets import OxfordIIITPet
-
         base.parent.mkdir(parents=True, exist_ok=True)
         log.info("Oxford-IIIT Pet: downloading into %s", base)
-        OxfordIIITPet(str(base.parent), split="trainval", target_types="segmentation", download=True)
+        OxfordIIITPet(str(base.parent), download=True)
 
     def _check_layout(self) -> Path:
+        """The data root (the folder that holds ``oxford-iiit-pet/``), downloaded first if asked to."""
         if self.download and (self.root is None or self._missing(self._base())):
             self.prepare_data()
         root = require_root(self.root, "OxfordPetDataModule", LAYOUT, FIX)
@@ -166,31 +151,47 @@ class OxfordPetDataModule(BaseDataModule):
                 f"OxfordPetDataModule: data root {str(root)!r} does not have the Oxford-IIIT Pet layout; "
                 f"missing: {', '.join(missing)}{hint}.\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
             )
-        return base
+        return root
 
-    def _read_split(self, base: Path, split: str) -> tuple[list[str], list[str], list[int]]:
-        items = read_split_file(base / "annotations" / f"{split}.txt")
-        if not items:
+    def _read_split(self, root: Path, split: str) -> tuple[list[str], list[str], list[int]]:
+        """Image files, trimap files and binary labels of ``split`` (``trainval`` or ``test``)."""
+        split_file = root / "oxford-iiit-pet" / "annotations" / f"{split}.txt"
+        try:
+            pets = OxfordIIITPet(str(root), split=split, target_types=["binary-category", "segmentation"])
+        except ValueError as err:  # torchvision unpacks each line into exactly four fields
             raise DatasetLayoutError(
-                f"OxfordPetDataModule: {base / 'annotations' / f'{split}.txt'} lists no images.\n"
-                f"Expected layout:\n{LAYOUT}\nFix: {FIX}"
+                f"OxfordPetDataModule: {split_file} is not a list of 'Image CLASS-ID SPECIES BREED-ID' lines "
+                f"({err}).\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
+            ) from None
+        # torchvision keeps what it parsed in private lists and has no public accessor; reading them through
+        # pets[i] would decode every image just to learn its label.
+        images = [str(p) for p in pets._images]
+        trimaps = [str(p) for p in pets._segs]
+        labels = list(pets._bin_labels)
+        if not images:
+            raise DatasetLayoutError(
+                f"OxfordPetDataModule: {split_file} lists no images.\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
             )
-        images = [str(base / "images" / f"{name}.jpg") for name, _ in items]
-        trimaps = [str(base / "annotations" / "trimaps" / f"{name}.png") for name, _ in items]
+        bad = [(Path(img).stem, y + 1) for img, y in zip(images, labels) if y not in (0, 1)]
+        if bad:
+            raise DatasetLayoutError(
+                f"OxfordPetDataModule: {split_file} gives {len(bad)} image(s) a SPECIES other than 1 (cat) or "
+                f"2 (dog), e.g. {bad[0][0]} with SPECIES {bad[0][1]}.\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
+            )
         missing = [p for p in images + trimaps if not Path(p).is_file()]
         if missing:
             raise DatasetLayoutError(
                 f"OxfordPetDataModule: {len(missing)} file(s) listed in {split}.txt are missing, e.g. "
                 f"{', '.join(missing[:5])}.\nExpected layout:\n{LAYOUT}\nFix: {FIX}"
             )
-        return images, trimaps, [label for _, label in items]
+        return images, trimaps, labels
 
     def setup(self, stage: str | None = None) -> None:
         if self._built:
             return
-        base = self._check_layout()
-        tv_images, tv_trimaps, tv_labels = self._read_split(base, "trainval")
-        te_images, te_trimaps, te_labels = self._read_split(base, "test")
+        root = self._check_layout()
+        tv_images, tv_trimaps, tv_labels = self._read_split(root, "trainval")
+        te_images, te_trimaps, te_labels = self._read_split(root, "test")
         idx_train, idx_val = stratified_split(tv_labels, self.fractions, self.seed)
         train_tf = build_transforms(
             self.image_size, self.mean, self.std, train=True, augment=self.augment,
