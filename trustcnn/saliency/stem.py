@@ -198,13 +198,13 @@ class StemPass:
         upper = 6.0 if isinstance(module, nn.ReLU6) else None
         return _GuidedActivation.apply(x, self.switch, entry, upper, module.inplace)
 
-    def record_pool(self, module: _MaxPoolNd, inputs: tuple) -> None:
-        dims = inputs[0].dim() - 2
-        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[dims]
-        with torch.no_grad():
-            _, idx = pool(inputs[0], module.kernel_size, module.stride, module.padding, module.dilation,
-                          ceil_mode=module.ceil_mode, return_indices=True)
+    def max_pool(self, module: _MaxPoolNd, x: torch.Tensor) -> torch.Tensor:
+        """The max-pool itself, keeping the argmax indices it computes anyway (no second pooling pass)."""
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[x.dim() - 2]
+        y, idx = pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                      ceil_mode=module.ceil_mode, return_indices=True)
         self.entries.append(_Entry(module, idx))
+        return y
 
     def enter_cut(self, inputs: tuple) -> tuple | None:
         self.cut_calls += 1
@@ -386,6 +386,7 @@ class FrozenStem:
                                for n, m in model.named_modules()]
         self._handles: list = []
         self._activations: set[nn.Module] = set()
+        self._pools: set[nn.Module] = set()
 
     def _make_order_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -395,20 +396,16 @@ class FrozenStem:
 
     def _install(self, plan: StemPlan) -> None:
         self._activations = {m for _, m in plan.stem if isinstance(m, ACTIVATIONS)}
+        # A pool that returns its own indices is left as it is: the replay then finds no entry for it and
+        # refuses the fast path (StemInexactError, then the double backward).
+        self._pools = {m for _, m in plan.stem if isinstance(m, _MaxPoolNd) and not m.return_indices}
         modules = dict(self.model.named_modules())
         self._handles.append(modules[plan.cut].register_forward_pre_hook(self._cut_hook, prepend=True))
-        for _, m in plan.stem:
-            if isinstance(m, _MaxPoolNd):
-                self._handles.append(m.register_forward_hook(self._pool_hook))
 
     def _cut_hook(self, module: nn.Module, inputs: tuple) -> tuple | None:
         if self.replaying is not None:
             raise _ReachedCut(inputs[0])
         return None if self.current is None else self.current.enter_cut(inputs)
-
-    def _pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self.current is not None and self.current.in_stem and torch.is_grad_enabled():
-            self.current.record_pool(module, inputs)
 
     def disable(self, reason: str) -> None:
         self.reason = reason
@@ -426,14 +423,17 @@ class FrozenStem:
             return None
         return output
 
-    def _activation_forward(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _recorded_forward(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``module``'s forward while a pass records: a stem activation or max-pool runs through the
+        :class:`StemPass`, which keeps what the replay needs; outside the stem it is the module's own."""
         original = type(module).forward
+        record = StemPass.activation if module in self._activations else StemPass.max_pool
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             current = self.current
             if current is None or not current.in_stem or not torch.is_grad_enabled():
                 return original(module, x)
-            return current.activation(module, x)
+            return record(current, module, x)
         return forward
 
     @contextmanager
@@ -467,13 +467,14 @@ class FrozenStem:
         self.reason = None
         self.current = StemPass(self, self.model, self.plan, self.switch)
         self.current.x = x
-        for m in self._activations:
-            m.forward = self._activation_forward(m)
+        recorded = self._activations | self._pools
+        for m in recorded:
+            m.forward = self._recorded_forward(m)
         try:
             yield self.current
         finally:
             self.current = None
-            for m in self._activations:
+            for m in recorded:
                 del m.forward
 
     def remove(self) -> None:
