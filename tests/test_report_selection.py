@@ -219,13 +219,12 @@ STUDY: dict[tuple[str, str], list[tuple[float, float, float]]] = {
 }
 UNIFORM_EPG = {0: 0.30, 1: 0.32, 2: 0.34, 3: 0.40}  # a property of each seed's test set
 CONFLICTS = {0: 36.0, 1: 40.0, 2: 38.0, 3: 35.0}
-# The real data module, so num_classes is read as the report reads it (one data config: built once).
-DATA = {"_target_": "trustcnn.data.DecoyDigitsDataModule", "seed": 0}
 
 
 def write_study_job(sweep: Path, num: int, loss: str, saliency: str, seed: int, metrics: dict[str, float] | None,
-                    lr: float = 0.01, data: dict[str, Any] | None = None, error: str | None = None) -> Path:
-    """A job of `python -m trustcnn.train -m loss=ce,trust saliency=gradcam,guided_gradcam seed=...`."""
+                    lr: float = 0.01, num_classes: int | None = None, error: str | None = None) -> Path:
+    """A job of `python -m trustcnn.train -m loss=ce,trust saliency=gradcam,guided_gradcam seed=...`
+    (``num_classes``: recorded in its run.json)."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
     loss_cfg: dict[str, Any] = {"name": loss} if loss == "ce" else {"name": loss, "lam": 0.5, "form": "paper"}
@@ -234,8 +233,8 @@ def write_study_job(sweep: Path, num: int, loss: str, saliency: str, seed: int, 
                            "callbacks": {"model_checkpoint": {"monitor": "val/acc", "mode": "max"}}}
     if loss != "ce":
         cfg["ablation"] = {"name": "none"}
-    if data is not None:
-        cfg["data"] = data
+    if num_classes is not None:
+        (job / "run.json").write_text(json.dumps({"optimized_metric": "val/acc", "num_classes": num_classes}))
     (job / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     overrides = [f"loss={loss}", f"saliency={saliency}", f"seed={seed}", f"optim.lr={lr}"]
     (job / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
@@ -261,13 +260,13 @@ def make_study(root: Path) -> Path:
                  "val/acc": 0.5 + acc / 10}
             if saliency == "gradcam":
                 m["test_consistent/acc"] = 0.9 + seed / 100 + (0.02 if loss == "trust" else 0.0)
-            write_study_job(sweep, num, loss, saliency, seed, m, data=DATA)
+            write_study_job(sweep, num, loss, saliency, seed, m, num_classes=10)
             num += 1
     write_study_job(sweep, 12, "trust", "gradcam", 3, {"test/acc": 0.99, "test/energy_pointing_game": 0.9,
                                                        "test/energy_pointing_game_uniform": UNIFORM_EPG[3],
                                                        "test/decoy_following_rate": 0.0,
-                                                       "test/decoy_conflicts": CONFLICTS[3]}, data=DATA)
-    write_study_job(sweep, 13, "ce", "gradcam", 3, None, data=DATA, error="RuntimeError: CUDA out of memory")
+                                                       "test/decoy_conflicts": CONFLICTS[3]}, num_classes=10)
+    write_study_job(sweep, 13, "ce", "gradcam", 3, None, num_classes=10, error="RuntimeError: CUDA out of memory")
     return sweep
 
 
@@ -374,9 +373,9 @@ def test_pairing_matches_the_settings_the_ce_jobs_vary(tmp_path: Path) -> None:
 
 
 def test_without_a_ce_job_nothing_is_paired_and_chance_is_not_guessed(tmp_path: Path) -> None:
-    result = report(make_sweep(tmp_path))  # configs without a data section
+    result = report(make_sweep(tmp_path))  # no run.json: the number of classes is not recorded
     ref = result["markdown"].split("## Reference levels")[1].split("\n## ")[0]
-    assert "Accuracy by chance: not stated: the number of classes could not be read" in ref
+    assert "Accuracy by chance: not stated: no job's run.json records `num_classes`" in ref
     sweep = tmp_path / "trust_only"
     write_study_job(sweep, 0, "trust", "gradcam", 0, {"test/acc": 0.7})
     md = report(sweep)["markdown"]

@@ -30,6 +30,7 @@ import json
 import os
 import logging
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -58,6 +59,9 @@ DUPLICATE = "duplicate.json"
 #: ``<sweep dir>/.claims/<hash of a configuration>.json``: the job that runs it (:func:`run_once`).
 CLAIMS = ".claims"
 _JOB_MARKERS = ("metrics.json", "error.json", DUPLICATE, "config.yaml", ".hydra/overrides.yaml")
+#: ``<sweep dir>/evaluation``: where ``python -m trustcnn.evaluate ... out=<sweep dir>/evaluation`` writes (its
+#: Hydra files make it look like a job directory; it is not one).
+EVALUATION_DIR = "evaluation"
 #: Keys that may differ between a finished job and its rerun without making the stored result another config's
 #: (``feature_cache`` changes the speed, not the results; runs from before it existed lack it).
 IGNORED_KEYS = frozenset({"skip_finished", "feature_cache"})
@@ -90,6 +94,8 @@ class Job:
     error: str | None = None
     #: For a duplicate: the job number (or directory) of the job that ran its configuration.
     duplicate_of: str | None = None
+    #: The job's own ``metrics.json`` (empty when it has none); the report aggregates it, the summary does not.
+    metrics: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -200,6 +206,8 @@ class Summary:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        for job in out["jobs"]:
+            del job["metrics"]  # summary.json names each job's value; the metrics stay in the job directories
         out.update(ok=self.ok, counts={s: self.count(s) for s in ("finished", "duplicate", "failed", "refused",
                                                                     "unfinished")},
                    best_job=self.best.num if self.best else None)
@@ -250,8 +258,11 @@ def _job_overrides(job_dir: Path) -> list[str]:
 
 
 def _job_num(job_dir: Path) -> int | None:
-    if job_dir.name.isdigit():
-        return int(job_dir.name)
+    """The job number: the directory's name (``<num>``, or ``<num>_<overrides>`` in sweeps made before
+    ``hydra.sweep.subdir`` was the job number alone), else ``hydra.job.num`` of its ``.hydra/hydra.yaml``."""
+    match = re.match(r"(\d+)(_|$)", job_dir.name)
+    if match:
+        return int(match.group(1))
     hydra_file = job_dir / ".hydra" / "hydra.yaml"
     try:
         num = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.num", default=None)
@@ -262,20 +273,36 @@ def _job_num(job_dir: Path) -> int | None:
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job directories directly under ``sweep_dir`` (any of ``metrics.json``, ``error.json``,
-    ``config.yaml``, ``.hydra/overrides.yaml``), by job number."""
+    ``config.yaml``, ``.hydra/overrides.yaml``; not :data:`EVALUATION_DIR`), by job number."""
     if not sweep_dir.is_dir():
         return []
-    found = [p for p in sweep_dir.iterdir() if p.is_dir() and any((p / m).exists() for m in _JOB_MARKERS)]
+    found = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name != EVALUATION_DIR
+             and any((p / m).exists() for m in _JOB_MARKERS)]
     return sorted(found, key=lambda p: (_job_num(p) is None, _job_num(p) or 0, p.name))
 
 
-def read_job(job_dir: Path, metric: str) -> Job:
-    """A job's state from its directory alone (whichever process or machine ran it)."""
+def _read_metrics(path: Path) -> dict[str, float] | None:
+    """``metrics.json`` as name -> float; ``None`` when it is unreadable or holds a value that is not a number."""
+    data = _read_json(path)
+    try:
+        return None if data is None else {str(k): float(v) for k, v in data.items()}
+    except (TypeError, ValueError):
+        return None
+
+
+def read_job(job_dir: Path, metric: str = "val/acc") -> Job:
+    """A job's state from its directory alone (whichever process or machine ran it).
+
+    ``metric`` names the job's value when its ``run.json`` names no ``optimized_metric`` (the default is
+    train's ``optimized_metric``). A refused job
+    keeps the metrics of the finished run in its directory (the run of its restored ``config.yaml``).
+    """
     overrides = _job_overrides(job_dir)
     num = _job_num(job_dir)
     refused = _read_json(job_dir / REFUSED)
     if refused is not None:
-        return Job(num, str(job_dir), "refused", overrides, error=_one_line(refused.get("error", "refused")))
+        return Job(num, str(job_dir), "refused", overrides, error=_one_line(refused.get("error", "refused")),
+                   metrics=_read_metrics(job_dir / "metrics.json") or {})
     if (job_dir / "error.json").exists():
         error = (_read_json(job_dir / "error.json") or {}).get("error") or "unreadable error.json"
         return Job(num, str(job_dir), "failed", overrides, error=_one_line(error))
@@ -290,12 +317,12 @@ def read_job(job_dir: Path, metric: str) -> Job:
         return Job(num, str(job_dir), "duplicate", overrides, value=float(value) if value is not None else None,
                    duplicate_of=str(original.get("job")))
     if (job_dir / "metrics.json").exists():
-        metrics = _read_json(job_dir / "metrics.json")
+        metrics = _read_metrics(job_dir / "metrics.json")
         if metrics is None:
             return Job(num, str(job_dir), "failed", overrides, error="unreadable metrics.json")
         record = read_run_record(job_dir) or {}
-        value = metrics.get(record.get("optimized_metric") or metric)
-        return Job(num, str(job_dir), "finished", overrides, value=float(value) if value is not None else None)
+        return Job(num, str(job_dir), "finished", overrides, value=metrics.get(record.get("optimized_metric") or metric),
+                   metrics=metrics)
     return Job(num, str(job_dir), "unfinished", overrides,
                error="no metrics.json and no error.json: the job did not finish (killed, interrupted or still running)")
 
