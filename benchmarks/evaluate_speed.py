@@ -4,7 +4,8 @@
 
 Trains (once, into ``--runs-dir``, reused when it already holds them) a ``loss=ce`` baseline and a
 ``loss=trust`` run of ``small_cnn`` (CE pretraining 2 epochs, 1 fine-tuning epoch), then times
-:func:`trustcnn.evaluate.evaluate_runs` with the baseline + the trust run (2 models) on the whole
+:func:`trustcnn.evaluation.run.evaluate` (the work of ``python -m trustcnn.evaluate``: one Lightning test pass per
+model) with the baseline + the trust run (2 models) on the whole
 decoy-digits test set (357 images at 32 px), with every metric on and then without deletion/insertion.
 
 The fixed cost (loading checkpoints, building the data, writing JSON/Markdown/PNG) is measured by the
@@ -27,7 +28,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import trustcnn
-from trustcnn.evaluate import evaluate_runs
+from trustcnn.evaluation.run import evaluate
 from trustcnn.train import train
 
 CONF_DIR = Path(trustcnn.__file__).resolve().parent / "conf"
@@ -51,7 +52,13 @@ def ensure_run(loss: str, runs_dir: Path) -> Path:
     return out
 
 
-def timed(repeat: int, **kwargs) -> tuple[float, float, int]:
+def eval_cfg(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=["device=cpu", *overrides])
+
+
+def timed(repeat: int, *overrides: str) -> tuple[float, float, int]:
     """Best wall time and best process CPU time (all threads) of ``repeat`` calls, and the images evaluated.
 
     CPU time is reported too because on a shared machine the wall time mostly measures the other load.
@@ -60,7 +67,7 @@ def timed(repeat: int, **kwargs) -> tuple[float, float, int]:
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as out:
             t0, c0 = time.perf_counter(), time.process_time()
-            result = evaluate_runs(out_dir=out, device="cpu", **kwargs)
+            result = evaluate(eval_cfg(*overrides), out)
             wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
         n = result["data"]["num_images"]
     return wall, cpu, n
@@ -76,15 +83,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="evaluate_speed_"))
     baseline, trust = ensure_run("ce", runs_dir), ensure_run("trust", runs_dir)
-    common = dict(runs=[trust], baseline=baseline, grid_images=args.grid)
+    common = (f"runs=[{trust}]", f"baseline={baseline}", f"grid_images={args.grid}")
 
     print(f"decoy digits, small_cnn (Grad-CAM on features.conv3), 2 models (baseline + trust), CPU, "
           f"{torch.get_num_threads()} threads, best of {args.repeat}")
     print(f"{'setting':<30}{'images':>7}{'wall (s)':>10}{'fixed (s)':>10}{'wall s/1k/model':>17}"
           f"{'CPU s/1k/model':>16}")
     for label, faithfulness in (("all metrics", True), ("without deletion/insertion", False)):
-        w_full, c_full, n_full = timed(args.repeat, faithfulness=faithfulness, **common)
-        w_fixed, c_fixed, n_fixed = timed(args.repeat, faithfulness=faithfulness, max_images=args.grid, **common)
+        w_full, c_full, n_full = timed(args.repeat, f"faithfulness={faithfulness}", *common)
+        w_fixed, c_fixed, n_fixed = timed(args.repeat, f"faithfulness={faithfulness}", f"max_images={args.grid}",
+                                          *common)
         scale = 1000 / (n_full - n_fixed) / 2
         print(f"{label:<30}{n_full:>7}{w_full:>10.2f}{w_fixed:>10.2f}{(w_full - w_fixed) * scale:>17.2f}"
               f"{(c_full - c_fixed) * scale:>16.2f}")

@@ -1,35 +1,45 @@
-"""`trustcnn.evaluate` on real tiny runs made by the real `train(cfg)` (the `sweep` fixture, tests/tiny_sweep.py)."""
+"""`python -m trustcnn.evaluate` (the Hydra app, conf/eval.yaml) on real tiny runs made by the real `train(cfg)`
+(the `sweep` fixture, tests/tiny_sweep.py)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
-from trustcnn.evaluate import (
-    check_shared_test_set,
-    classification_estimates,
-    evaluate_runs,
-    load_models,
-    macro_precision_recall,
-)
+from trustcnn.config_check import CONF_DIR
 from trustcnn.evaluate import main as evaluate_main
-from trustcnn.runs import load_run
+from trustcnn.evaluation.run import evaluate
+from trustcnn.runs import check_shared_test_set, load_models, load_run
 from trustcnn.train import train
 from tiny_sweep import job, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def quoted(path: Path | str) -> str:
+    """A path as a Hydra override value (the tiny runs' names hold `=` and `,`)."""
+    return f'"{path}"'
+
+
+def eval_cfg(*overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def evaluation(sweep: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("evaluation")
-    return evaluate_runs([job(sweep, 1), job(sweep, 3)], baseline=job(sweep, 0), out_dir=out, max_images=64,
-                         di_steps=5, bootstrap=200, grid_images=4, device="cpu")
+    cfg = eval_cfg(f"baseline={quoted(job(sweep, 0))}", f"runs=[{quoted(job(sweep, 1))},{quoted(job(sweep, 3))}]",
+                   "max_images=64", "di_steps=5", "bootstrap=200", "grid_images=4", "device=cpu")
+    return evaluate(cfg, tmp_path_factory.mktemp("evaluation"))
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -65,7 +75,7 @@ def test_evaluate_metric_keys_and_ranges(evaluation: dict) -> None:
         assert sum(cases[f"case{c}_count"] for c in range(1, 5)) + cases["skipped"] == 64
         assert sum(cases[f"case{c}_fraction"] for c in range(1, 5)) == pytest.approx(1.0)
     assert evaluation["models"]["0_loss=ce"]["accuracy"]["method"] == "wilson"
-    assert evaluation["models"]["0_loss=ce"]["precision"]["method"].startswith("bootstrap")
+    assert evaluation["models"]["0_loss=ce"]["precision"]["method"] == "bootstrap(200)"
 
 
 def test_ssim_of_the_baseline_against_itself_is_one(evaluation: dict) -> None:
@@ -86,52 +96,65 @@ def test_evaluate_agrees_with_the_runs_own_test_metrics(evaluation: dict, sweep:
         assert m["recall"]["value"] == pytest.approx(saved["test/recall"], abs=1e-6)
         assert m["pointing_game"]["value"] == pytest.approx(saved["test/pointing_game"], abs=1e-6)
         assert m["energy_pointing_game"]["value"] == pytest.approx(saved["test/energy_pointing_game"], abs=1e-5)
+        for c in range(1, 5):
+            assert m["case_table"][f"case{c}_count"] == saved[f"test/case{c}_count"]
 
 
-def test_macro_precision_recall_follow_torchmetrics() -> None:
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 6, (300,), generator=gen)  # classes 6..9 never occur
-    preds = torch.where(torch.rand(300, generator=gen) < 0.6, labels, torch.randint(0, 8, (300,), generator=gen))
-    confusion = np.bincount((labels * 10 + preds).numpy(), minlength=100).reshape(10, 10)
-    precision, recall = macro_precision_recall(confusion)
-    assert precision == pytest.approx(MulticlassPrecision(10, average="macro")(preds, labels).item(), abs=1e-6)
-    assert recall == pytest.approx(MulticlassRecall(10, average="macro")(preds, labels).item(), abs=1e-6)
-    est = classification_estimates(preds.numpy(), labels.numpy(), 10, bootstrap=300, seed=0)
-    for key in ("accuracy", "precision", "recall"):
-        assert est[key].ci_low < est[key].value < est[key].ci_high
-    again = classification_estimates(preds.numpy(), labels.numpy(), 10, bootstrap=300, seed=0)
-    assert again["precision"] == est["precision"]  # seeded bootstrap: reproducible
-
-
-def test_evaluate_cli_prints_markdown(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    evaluate_main(["--runs", str(job(sweep, 2) / "checkpoints" / "last.ckpt"), "--names", "lam0.9",
-                   "--max-images", "16", "--no-deletion-insertion", "--out", str(tmp_path), "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert "| lam0.9 |" in printed and "## Faithfulness" not in printed
-    assert "no baseline given" in printed
+def test_evaluate_app_prints_markdown(sweep: Path, tmp_path: Path) -> None:
+    """The command as a user runs it: one run (a .ckpt), a name, no baseline, no deletion/insertion."""
+    ckpt = job(sweep, 2) / "checkpoints" / "last.ckpt"
+    done = subprocess.run([sys.executable, "-m", "trustcnn.evaluate", f"runs=[{quoted(ckpt)}]", "names=[lam0.9]",
+                           "max_images=16", "faithfulness=false", f"out={tmp_path}", "device=cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| lam0.9 |" in done.stdout and "## Faithfulness" not in done.stdout
+    assert "no baseline given" in done.stdout
     saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["data"]["num_images"] == 16
     assert "deletion_auc" not in saved["models"]["lam0.9"] and "ssim_vs_baseline" not in saved["models"]["lam0.9"]
+    assert (tmp_path / ".hydra" / "overrides.yaml").exists()  # out is Hydra's run directory
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--runs", "/no/such/run"], "/no/such/run does not exist"),
-    ([], "pass at least one run"),
+@pytest.mark.parametrize("argv, shown", [
+    (["--baseline", "b/0", "--runs", "s/1", "s/2", "--out", "o", "--max-images", "16", "--no-deletion-insertion"],
+     "python -m trustcnn.evaluate baseline=b/0 'runs=[s/1,s/2]' out=o max_images=16 faithfulness=false"),
+    (["seed=1", "--saliency=guided_gradcam", "--names", "ce", "trust"],
+     "python -m trustcnn.evaluate seed=1 saliency=guided_gradcam 'names=[ce,trust]'"),
+    (["--runs", "s/0_loss=ce"], """python -m trustcnn.evaluate 'runs=["s/0_loss=ce"]'"""),
+    (["--frobnicate"], "baseline=<run dir> 'runs=[<run dir>,...]'"),
 ])
-def test_evaluate_cli_errors_name_the_problem(argv, message, tmp_path: Path, capsys) -> None:
+def test_old_flags_end_with_the_new_form(argv: list[str], shown: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exc:
-        evaluate_main([*argv, "--out", str(tmp_path)])
+        evaluate_main(argv)
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert shown in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_app_errors_name_the_problem(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run directory that does not exist, and one without checkpoints: one line, exit 2 (the Hydra app, in
+    this process)."""
+    for runs, message in ((f"runs=[{tmp_path / 'no-such-run'}]", "no-such-run does not exist"),
+                          (f"runs=[{quoted(job(sweep, 4))}]", "No checkpoint in")):
+        with pytest.raises(SystemExit) as exc:
+            evaluate_main([runs, f"out={tmp_path / 'out'}"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_evaluate_errors_for_a_run_dir_without_checkpoints_and_bad_names(sweep: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        evaluate_runs([job(sweep, 4)])  # the failed job: config.yaml and error.json, no checkpoint
+        evaluate(eval_cfg(f"runs=[{quoted(job(sweep, 4))}]"), tmp_path)  # the failed job: config.yaml, error.json
     (tmp_path / "multirun.yaml").write_text("hydra: {}\n")
     with pytest.raises(ValueError, match="multirun sweep directory.*trustcnn.report"):
-        evaluate_runs([tmp_path])
+        evaluate(eval_cfg(f"runs=[{tmp_path}]"), tmp_path)
     with pytest.raises(ValueError, match="one name per model"):
-        evaluate_runs([job(sweep, 1)], baseline=job(sweep, 0), names=["only-one"])
+        evaluate(eval_cfg(f"baseline={quoted(job(sweep, 0))}", f"runs=[{quoted(job(sweep, 1))}]",
+                          "names=[only-one]"), tmp_path)
+    with pytest.raises(ValueError, match="Nothing to evaluate.*baseline=<run dir>"):
+        evaluate(eval_cfg(), tmp_path)
+    with pytest.raises(ValueError, match="max_images must be >= 1, got 0"):
+        evaluate(eval_cfg(f"runs=[{quoted(job(sweep, 1))}]", "max_images=0"), tmp_path)
 
 
 def test_runs_on_different_test_sets_are_refused_and_other_data_settings_warned(sweep: Path) -> None:
@@ -149,7 +172,7 @@ def test_duplicate_runs_are_loaded_once(sweep: Path) -> None:
     assert baseline == "0_loss=ce" and len(loaded) == 2
 
 
-# ---------------------------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------------------------------- saliency override
 
 
 def test_saliency_override_explains_a_gradcam_run_with_guided_gradcam(sweep: Path) -> None:
@@ -172,4 +195,3 @@ def test_saliency_override_from_guided_drops_guided_only_options(tmp_path: Path)
     assert run.cfg.saliency.method == "gradcam" and "channel_reduce" not in run.cfg.saliency
     with pytest.raises(ValueError, match="Unknown saliency method 'gradcamm'"):
         load_run(tmp_path / "guided", saliency="gradcamm")
-

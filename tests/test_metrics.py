@@ -12,6 +12,7 @@ from torch import nn
 
 from trustcnn.metrics import (
     CaseTable,
+    ClassificationEstimates,
     DeletionInsertion,
     EnergyPointingGame,
     MapRankCorrelation,
@@ -29,8 +30,10 @@ from trustcnn.metrics import (
     saliency_iou,
     spearman_per_sample,
     wilson_interval,
+    classification_estimates,
+    macro_precision_recall,
 )
-from trustcnn.saliency.capture import LayerNotFoundError
+from trustcnn.layers import LayerNotFoundError
 
 
 def _point_map(h: int, w: int, y: int, x: int) -> torch.Tensor:
@@ -252,6 +255,106 @@ def test_paired_metrics_accumulate():
         split.update(a[:4], b[:4])
         split.update(a[4:], b[4:])
         assert split.compute().item() == pytest.approx(big.compute().item(), abs=1e-6)
+
+
+def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """mean ± t(0.975, n-1)·sd/√n, written out (the interval every PerSampleMean.estimate() must give)."""
+    from scipy.stats import t
+
+    half = t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    return values.mean(), values.mean() - half, values.mean() + half
+
+
+@pytest.mark.parametrize("factory, functional, paired", [
+    (lambda: EnergyPointingGame(keep_scores=True), energy_pointing_game, False),
+    (lambda: SaliencyIoU(keep_scores=True), saliency_iou, False),
+    (lambda: MapSSIM(keep_scores=True), map_ssim, True),
+    (lambda: MapRankCorrelation(keep_scores=True), spearman_per_sample, True),
+])
+def test_estimate_is_the_t_interval_of_the_kept_scores_over_batches_and_processes(factory, functional, paired):
+    maps, masks = _random_batch(7, n=20, map_hw=(12, 12))
+    masks[3] = False  # a skipped sample: no score, not in the interval
+    second = torch.rand(20, 12, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64) if paired \
+        else masks
+    per_sample = functional(maps, second)
+    expected = per_sample[~torch.isnan(per_sample)].numpy()
+    split, part = factory(), factory()
+    split.update(maps[:9], second[:9])
+    part.update(maps[9:], second[9:])
+    split.merge_state(part)  # the reduction DDP applies ("cat" for the kept scores)
+    est = split.estimate()
+    assert (est.value, est.ci_low, est.ci_high) == pytest.approx(_t_interval(expected), abs=1e-9)
+    assert est.n == expected.size and est.method == "t"
+    assert est.value == pytest.approx(split.compute().item(), abs=1e-6)  # the same mean as without intervals
+    with pytest.raises(RuntimeError, match="keep_scores=True"):
+        EnergyPointingGame().estimate()
+
+
+def test_pointing_game_and_deletion_insertion_estimates():
+    maps, masks = _random_batch(9, n=30)
+    pg = PointingGame(tolerance=2)
+    pg.update(maps, masks)
+    hits = pointing_game(maps, masks, tolerance=2)
+    est = pg.estimate()  # a proportion: Wilson, no kept scores needed
+    assert (est.ci_low, est.ci_high) == pytest.approx(wilson_interval(int(hits.nansum()), 30))
+    assert est.method == "wilson" and est.value == pytest.approx(hits.nanmean().item())
+    g = torch.Generator().manual_seed(1)
+    images, small = torch.rand(6, 3, 16, 16, generator=g), torch.rand(6, 4, 4, generator=g)
+    targets = torch.tensor([0, 1, 0, 1, 1, 0])
+    net = _small_net().eval()
+    di = DeletionInsertion(net, steps=4, keep_scores=True)
+    di.update(images[:2], small[:2], targets[:2])
+    di.update(images[2:], small[2:], targets[2:])
+    per_sample = deletion_insertion(net, images, small, targets, steps=4)
+    for key, est in di.estimates().items():
+        assert (est.value, est.ci_low, est.ci_high) == pytest.approx(_t_interval(per_sample[key].double().numpy()),
+                                                                     abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# classification with intervals
+
+
+def _predictions(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 6, (n,), generator=gen)  # classes 6..9 never occur
+    preds = torch.where(torch.rand(n, generator=gen) < 0.6, labels, torch.randint(0, 8, (n,), generator=gen))
+    return preds, labels
+
+
+def test_macro_precision_recall_follow_torchmetrics() -> None:
+    from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
+
+    preds, labels = _predictions()
+    confusion = np.bincount((labels * 10 + preds).numpy(), minlength=100).reshape(10, 10)
+    precision, recall = macro_precision_recall(confusion)
+    assert precision == pytest.approx(MulticlassPrecision(10, average="macro")(preds, labels).item(), abs=1e-6)
+    assert recall == pytest.approx(MulticlassRecall(10, average="macro")(preds, labels).item(), abs=1e-6)
+
+
+def test_classification_intervals_are_the_percentile_bootstrap_of_the_images() -> None:
+    """scipy's bootstrap resamples the images with the generator the seed makes: the same intervals as drawing
+    the resamples here and taking the 2.5 / 97.5 percentiles of their macro precision and recall."""
+    preds, labels = _predictions()
+    est = classification_estimates(preds.numpy(), labels.numpy(), 10, bootstrap=300, seed=4)
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 300, size=(300, 300))
+    scores = np.array([macro_precision_recall(np.bincount((labels[i] * 10 + preds[i]).numpy(), minlength=100)
+                                              .reshape(10, 10)) for i in idx])  # (resamples, 2)
+    for j, key in enumerate(("precision", "recall")):
+        low, high = np.percentile(scores[:, j], [2.5, 97.5])
+        assert (est[key].ci_low, est[key].ci_high) == pytest.approx((low, high), abs=1e-12)
+        assert est[key].method == "bootstrap(300)" and est[key].ci_low < est[key].value < est[key].ci_high
+    correct = int((preds == labels).sum())
+    assert (est["accuracy"].value, est["accuracy"].ci_low, est["accuracy"].ci_high) == \
+        pytest.approx((correct / 300, *wilson_interval(correct, 300)))
+    metric = ClassificationEstimates(10, bootstrap=300, seed=4)
+    metric.update(preds[:100], labels[:100])
+    metric.update(torch.nn.functional.one_hot(preds[100:], 10).float(), labels[100:])  # logits are arg-maxed
+    assert metric.estimates() == est
+    assert metric.compute()["precision_ci_high"].item() == pytest.approx(est["precision"].ci_high)
+    one = classification_estimates(np.array([1]), np.array([1]), 10)
+    assert one["precision"].value == 1.0 and math.isnan(one["precision"].ci_low)  # no bootstrap of one image
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -3,16 +3,28 @@
 Conventions shared by all: maps ``(N, h, w)`` / ``(N, 1, h, w)``; masks ``(N, H, W)`` / ``(N, 1, H, W)``
 with object = 1 (thresholded at 0.5); maps are upsampled bilinearly to the mask resolution; samples
 with an empty mask are skipped and counted. See each module's docstring for the exact definitions.
+
+Confidence intervals (95%) come from scipy.stats (:mod:`trustcnn.metrics.stats`): each metric's ``estimate()``
+(``estimates()``) gives its value with an interval, from per-sample scores kept with ``keep_scores=True``.
 """
 
-from trustcnn.metrics._utils import align_maps_to_masks, as_maps, as_masks, minmax_normalize, resize_maps
+from trustcnn.metrics._utils import (
+    PerSampleMean,
+    align_maps_to_masks,
+    as_maps,
+    as_masks,
+    minmax_normalize,
+    resize_maps,
+)
 from trustcnn.metrics.case_table import CASE_NAMES, CaseTable, case_counts, case_fractions, format_case_table
+from trustcnn.metrics.classification import ClassificationEstimates, classification_estimates, macro_precision_recall
 from trustcnn.metrics.faithfulness import BASELINES, DeletionInsertion, deletion_insertion, make_baseline
 from trustcnn.metrics.localization import (
     EnergyPointingGame,
     PointingGame,
     SaliencyIoU,
     energy_pointing_game,
+    localization_metrics,
     pointing_game,
     saliency_iou,
 )
@@ -24,7 +36,7 @@ from trustcnn.metrics.similarity import (
     randomize_layer,
     spearman_per_sample,
 )
-from trustcnn.metrics.stats import wilson_interval
+from trustcnn.metrics.stats import Estimate, mean_estimate, wilson_estimate, wilson_interval
 
 __all__ = [
     # localization (masks)
@@ -34,6 +46,7 @@ __all__ = [
     "pointing_game",
     "energy_pointing_game",
     "saliency_iou",
+    "localization_metrics",
     # case table
     "CaseTable",
     "CASE_NAMES",
@@ -52,9 +65,17 @@ __all__ = [
     "deletion_insertion",
     "make_baseline",
     "BASELINES",
+    # classification with confidence intervals
+    "ClassificationEstimates",
+    "classification_estimates",
+    "macro_precision_recall",
     # statistics
+    "Estimate",
     "wilson_interval",
-    # shared input handling
+    "wilson_estimate",
+    "mean_estimate",
+    # shared input handling, the base of per-sample means
+    "PerSampleMean",
     "align_maps_to_masks",
     "as_maps",
     "as_masks",

@@ -9,14 +9,19 @@ Every metric in :mod:`trustcnn.metrics` goes through these helpers, so the conve
 * **Resolution**: when a map and its mask differ in size, the map is upsampled *bilinearly*
   (``align_corners=False``) to the mask's resolution (:func:`align_maps_to_masks`); all mask-based
   metrics are scored at mask resolution.
+
+:class:`PerSampleMean` is the base of every metric that averages a per-sample score.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-from trustcnn.saliency.guided import upsample
+from trustcnn.maps import upsample
+from trustcnn.metrics.stats import Estimate, mean_estimate
 
 
 def as_maps(maps: Tensor, name: str = "maps") -> Tensor:
@@ -109,3 +114,55 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-12) -> Tensor:
     rng = hi - lo
     out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
     return out.view_as(maps)
+
+
+class PerSampleMean(Metric):
+    """Mean of a per-sample score over the samples that have one; a NaN score (no score: an empty mask, an
+    undefined correlation) is left out and counted in the state named by the class attribute ``missing``.
+
+    States: ``score_sum``, ``total`` (scored samples), ``<missing>``; all summed over processes. With
+    ``keep_scores=True`` every score is kept too (state ``scores``, concatenated over processes), for
+    :meth:`estimate`'s confidence interval; the mean itself never needs them.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    missing = "skipped"
+
+    score_sum: Tensor
+    total: Tensor
+    scores: list[Tensor]
+
+    def __init__(self, keep_scores: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keep_scores = bool(keep_scores)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state(self.missing, default=torch.tensor(0), dist_reduce_fx="sum")
+        if self.keep_scores:
+            self.add_state("scores", default=[], dist_reduce_fx="cat")
+
+    def _accumulate(self, scores: Tensor) -> None:
+        valid = ~torch.isnan(scores)
+        self.score_sum += scores[valid].to(self.score_sum).sum()
+        self.total += valid.sum().to(self.total)
+        missing = getattr(self, self.missing)
+        missing += (~valid).sum().to(missing)
+        if self.keep_scores:
+            self.scores.append(scores[valid].detach().double())
+
+    def compute(self) -> Tensor:
+        """Mean score over scored samples (``NaN`` if none were scored)."""
+        if self.total == 0:
+            return torch.tensor(float("nan"), device=self.score_sum.device)
+        return (self.score_sum / self.total).float()
+
+    def estimate(self) -> Estimate:
+        """The mean over every process's scored samples with its 95% t-interval
+        (:func:`~trustcnn.metrics.stats.mean_estimate`); needs ``keep_scores=True``."""
+        if not self.keep_scores:
+            raise RuntimeError(f"{type(self).__name__}.estimate() needs the per-sample scores: create it with "
+                               "keep_scores=True.")
+        with self.sync_context():
+            scores = dim_zero_cat(self.scores) if self.scores else torch.zeros(0, dtype=torch.float64)
+            return mean_estimate(scores)

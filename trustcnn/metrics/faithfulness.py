@@ -8,9 +8,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms.functional import gaussian_blur
 
 from trustcnn.metrics._utils import as_maps, resize_maps
+from trustcnn.metrics.stats import Estimate, mean_estimate
 
 __all__ = ["DeletionInsertion", "deletion_insertion", "make_baseline", "BASELINES"]
 
@@ -146,11 +148,14 @@ class DeletionInsertion(Metric):
         model: ``(B, C, H, W) -> (B, num_classes)`` logits; in eval mode (a warning is issued otherwise).
         steps: perturbation steps; ``baseline``: ``"blur"`` | ``"zeros"`` | ``"mean"``;
         batch_size: perturbed images per forward; apply_softmax: whether the model returns logits;
-        blur_kernel_size / blur_sigma: the ``"blur"`` baseline.
+        blur_kernel_size / blur_sigma: the ``"blur"`` baseline;
+        keep_scores: keep every sample's AUCs (states ``deletion_scores``, ``insertion_scores``) for
+            :meth:`estimates`' confidence intervals.
 
     ``update(images (N, C, H, W), maps (N, h, w) | (N, 1, h, w), targets (N,))``.
     ``compute() -> dict[str, Tensor]``: ``deletion_auc``, ``insertion_auc`` (scalars, mean over samples),
     ``deletion_curve``, ``insertion_curve`` (``(steps+1,)`` mean curves, x = fraction of pixels 0..1).
+    ``estimates() -> dict[str, Estimate]``: ``deletion_auc``, ``insertion_auc`` with 95% t-intervals.
     """
 
     is_differentiable = False
@@ -162,6 +167,8 @@ class DeletionInsertion(Metric):
     deletion_curve_sum: Tensor
     insertion_curve_sum: Tensor
     total: Tensor
+    deletion_scores: list[Tensor]
+    insertion_scores: list[Tensor]
 
     def __init__(
         self,
@@ -172,6 +179,7 @@ class DeletionInsertion(Metric):
         apply_softmax: bool = True,
         blur_kernel_size: int = 11,
         blur_sigma: float = 5.0,
+        keep_scores: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -188,6 +196,10 @@ class DeletionInsertion(Metric):
         self.add_state("deletion_curve_sum", default=torch.zeros(self.steps + 1, dtype=f64), dist_reduce_fx="sum")
         self.add_state("insertion_curve_sum", default=torch.zeros(self.steps + 1, dtype=f64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.keep_scores = bool(keep_scores)
+        if self.keep_scores:
+            self.add_state("deletion_scores", default=[], dist_reduce_fx="cat")
+            self.add_state("insertion_scores", default=[], dist_reduce_fx="cat")
 
     def update(self, images: Tensor, maps: Tensor, targets: Tensor) -> None:
         model = self.__dict__["model"]
@@ -203,6 +215,19 @@ class DeletionInsertion(Metric):
         self.deletion_curve_sum += r["deletion_curve"].to(dev, torch.float64).sum(dim=0)
         self.insertion_curve_sum += r["insertion_curve"].to(dev, torch.float64).sum(dim=0)
         self.total += images.shape[0]
+        if self.keep_scores:
+            self.deletion_scores.append(r["deletion_auc"].to(dev, torch.float64))
+            self.insertion_scores.append(r["insertion_auc"].to(dev, torch.float64))
+
+    def estimates(self) -> dict[str, Estimate]:
+        """Mean deletion and insertion AUC over every process's samples, each with its 95% t-interval
+        (:func:`~trustcnn.metrics.stats.mean_estimate`); needs ``keep_scores=True``."""
+        if not self.keep_scores:
+            raise RuntimeError("DeletionInsertion.estimates() needs the per-sample AUCs: create it with keep_scores=True.")
+        with self.sync_context():
+            return {name: mean_estimate(dim_zero_cat(scores) if scores else torch.zeros(0))
+                    for name, scores in (("deletion_auc", self.deletion_scores),
+                                         ("insertion_auc", self.insertion_scores))}
 
     def compute(self) -> dict[str, Tensor]:
         n = self.total.clamp_min(1).double()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
 
-from trustcnn.metrics._utils import align_maps_to_masks, minmax_normalize
-from trustcnn.metrics.stats import wilson_interval
+from trustcnn.metrics._utils import PerSampleMean, align_maps_to_masks, minmax_normalize
+from trustcnn.metrics.stats import Estimate, wilson_estimate, wilson_interval
 
 __all__ = [
     "pointing_game",
@@ -27,6 +27,7 @@ __all__ = [
     "PointingGame",
     "EnergyPointingGame",
     "SaliencyIoU",
+    "localization_metrics",
 ]
 
 
@@ -139,34 +140,13 @@ def saliency_iou(maps: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
 # metrics
 
 
-class _MeanOverScored(Metric):
+class _MeanOverScored(PerSampleMean):
     """Mean of a per-sample score over samples with a non-empty mask; empty masks counted in ``skipped``."""
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
+    missing = "skipped"
 
-    score_sum: Tensor
-    total: Tensor
     skipped: Tensor
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("skipped", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _accumulate(self, scores: Tensor) -> None:
-        valid = ~torch.isnan(scores)
-        self.score_sum += scores[valid].to(self.score_sum).sum()
-        self.total += valid.sum().to(self.total)
-        self.skipped += (~valid).sum().to(self.skipped)
-
-    def compute(self) -> Tensor:
-        """Mean score over scored samples (``NaN`` if none were scored)."""
-        if self.total == 0:
-            return torch.tensor(float("nan"), device=self.score_sum.device)
-        return (self.score_sum / self.total).float()
 
 
 class PointingGame(_MeanOverScored):
@@ -206,6 +186,12 @@ class PointingGame(_MeanOverScored):
     def interval(self, z: float = 1.96) -> tuple[float, float]:
         """Wilson confidence interval of the hit rate (95% for ``z=1.96``)."""
         return wilson_interval(int(self.hits), int(self.total), z=z)
+
+    def estimate(self) -> Estimate:
+        """The hit rate over every process's samples with its 95% Wilson interval (a proportion: no per-sample
+        scores needed)."""
+        with self.sync_context():
+            return wilson_estimate(int(self.hits), int(self.total))
 
 
 class EnergyPointingGame(_MeanOverScored):
@@ -247,3 +233,13 @@ class SaliencyIoU(_MeanOverScored):
 
     def update(self, maps: Tensor, masks: Tensor) -> None:
         self._accumulate(saliency_iou(maps, masks, self.threshold))
+
+
+def localization_metrics(tolerance: int = 15, keep_scores: bool = False) -> MetricCollection:
+    """The mask metrics of a test set, keyed as they are logged and written (``pointing_game``,
+    ``energy_pointing_game``): training's test step and ``trustcnn.evaluate`` (with ``keep_scores=True`` for the
+    intervals) build them here."""
+    # No compute groups: the metrics' states have the same names, never the same meaning.
+    return MetricCollection({"pointing_game": PointingGame(tolerance=tolerance),
+                             "energy_pointing_game": EnergyPointingGame(keep_scores=keep_scores)},
+                            compute_groups=False)

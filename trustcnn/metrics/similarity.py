@@ -15,10 +15,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
-from trustcnn.metrics._utils import as_maps, minmax_normalize, resize_maps
-from trustcnn.saliency.capture import get_module
+from trustcnn.metrics._utils import PerSampleMean, as_maps, minmax_normalize, resize_maps
+from trustcnn.layers import get_module
 
 __all__ = [
     "map_ssim",
@@ -167,30 +166,12 @@ def spearman_per_sample(maps_a: Tensor, maps_b: Tensor) -> Tensor:
     return rho.clamp(-1, 1).to(a.dtype)
 
 
-class _PairedMean(Metric):
-    is_differentiable = False
-    full_state_update = False
+class _PairedMean(PerSampleMean):
+    """Mean of a per-sample score of two sets of maps; samples without one counted in ``undefined``."""
 
-    score_sum: Tensor
-    total: Tensor
+    missing = "undefined"
+
     undefined: Tensor
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("undefined", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _accumulate(self, scores: Tensor) -> None:
-        valid = ~torch.isnan(scores)
-        self.score_sum += scores[valid].to(self.score_sum).sum()
-        self.total += valid.sum().to(self.total)
-        self.undefined += (~valid).sum().to(self.undefined)
-
-    def compute(self) -> Tensor:
-        if self.total == 0:
-            return torch.tensor(float("nan"), device=self.score_sum.device)
-        return (self.score_sum / self.total).float()
 
 
 class MapSSIM(_PairedMean):
@@ -285,7 +266,7 @@ def randomize_layer(net: nn.Module, layer_name: str | Sequence[str], seed: int =
     Args:
         net: the trained model.
         layer_name: dotted module name(s) as in ``net.named_modules()`` (looked up with
-            :func:`trustcnn.saliency.capture.get_module`, which suggests close matches on a typo).
+            :func:`trustcnn.layers.get_module`, which suggests close matches on a typo).
         seed: seed of the re-initialization.
 
     Raises:

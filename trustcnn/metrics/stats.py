@@ -1,4 +1,6 @@
-"""Confidence intervals shared by the case table, `trustcnn.evaluate` and `trustcnn.report`."""
+"""Confidence intervals of the case table, the metrics' ``estimate()``, ``trustcnn.evaluate`` and the report,
+all computed by scipy.stats: Wilson (``binomtest(...).proportion_ci``), Student's t (``stats.t.interval``) and
+the percentile bootstrap (``stats.bootstrap``, in :mod:`trustcnn.metrics.classification`)."""
 
 from __future__ import annotations
 
@@ -11,51 +13,44 @@ from scipy import stats
 from torch import Tensor
 
 
+def _wilson(successes: float, total: float, z: float) -> tuple[float, float]:
+    if total == 0:
+        return math.nan, math.nan
+    k = round(successes)
+    # binomtest takes whole counts; a rate times n (the report's macro precision) is rounded to the nearest count.
+    if not 0 <= k <= total:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= total, got {successes}/{total}")
+    # The level whose two-sided normal quantile is z (z = 1.96 -> 0.950004...), so z keeps its meaning.
+    level = 1.0 - 2.0 * float(stats.norm.sf(z))
+    ci = stats.binomtest(int(k), int(round(total))).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def wilson_interval(
     successes: int | float | Tensor, total: int | float | Tensor, z: float = 1.96
 ) -> tuple[float, float] | tuple[Tensor, Tensor]:
-    """Wilson score interval for a binomial proportion ``successes / total``.
+    """Wilson score interval for a binomial proportion ``successes / total`` (scipy's ``binomtest``).
 
-    ``center = (p + z²/2n) / (1 + z²/n)``, ``half = z·sqrt(p(1−p)/n + z²/4n²) / (1 + z²/n)``;
-    the interval is ``[center − half, center + half]`` clipped to ``[0, 1]``. ``z = 1.96`` gives a 95% CI.
     Unlike the normal (Wald) interval it stays inside ``[0, 1]`` and is sensible for ``p`` near 0 or 1
-    and small ``n`` (e.g. 8/10 → [0.490, 0.943]).
+    and small ``n`` (e.g. 8/10 → [0.490, 0.943]). ``z = 1.96`` gives a 95% CI.
 
     Args:
-        successes: number of successes ``k`` (scalar or tensor, elementwise).
+        successes: number of successes ``k`` (scalar or tensor, elementwise); a non-whole number is rounded
+            to the nearest count.
         total: number of trials ``n`` (same shape as ``successes`` or broadcastable).
         z: standard-normal quantile of the two-sided level.
 
     Returns:
-        ``(low, high)`` as Python floats for scalar inputs, or as float tensors if either input is a
-        tensor. ``total == 0`` gives ``(nan, nan)`` (undefined).
+        ``(low, high)`` as Python floats for scalar inputs, or as float64 tensors (on ``successes``' device)
+        if either input is a tensor. ``total == 0`` gives ``(nan, nan)`` (undefined).
     """
     if isinstance(successes, Tensor) or isinstance(total, Tensor):
         k = torch.as_tensor(successes, dtype=torch.float64)
-        n = torch.as_tensor(total, dtype=torch.float64, device=k.device)
-        if (k < 0).any() or (k > n).any():
-            raise ValueError("wilson_interval needs 0 <= successes <= total")
-        n_safe = n.clamp_min(1)
-        p = k / n_safe
-        z2 = z * z
-        denom = 1 + z2 / n_safe
-        center = (p + z2 / (2 * n_safe)) / denom
-        half = z * torch.sqrt(p * (1 - p) / n_safe + z2 / (4 * n_safe * n_safe)) / denom
-        nan = torch.full_like(center, float("nan"))
-        low = torch.where(n > 0, (center - half).clamp(0, 1), nan)
-        high = torch.where(n > 0, (center + half).clamp(0, 1), nan)
-        return low, high
-    k, n = float(successes), float(total)
-    if k < 0 or k > n:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= total, got {successes}/{total}")
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+        k, n = torch.broadcast_tensors(k, torch.as_tensor(total, dtype=torch.float64, device=k.device))
+        bounds = [_wilson(a, b, z) for a, b in zip(k.flatten().tolist(), n.flatten().tolist())]
+        out = torch.tensor(bounds, dtype=torch.float64).reshape(*k.shape, 2).to(k.device)
+        return out[..., 0], out[..., 1]
+    return _wilson(float(successes), float(total), z)
 
 
 @dataclass
@@ -84,7 +79,7 @@ def wilson_estimate(successes: int, total: int, z: float = 1.96) -> Estimate:
 
 
 def mean_estimate(values: np.ndarray | torch.Tensor, level: float = 0.95) -> Estimate:
-    """Mean of per-image scores (NaNs dropped) with the t-interval ``mean ± t·sd/√n``."""
+    """Mean of per-image scores (NaNs dropped) with the t-interval ``mean ± t·sd/√n`` (``stats.t.interval``)."""
     v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     v = v[np.isfinite(v)]
     n = v.size
@@ -93,5 +88,8 @@ def mean_estimate(values: np.ndarray | torch.Tensor, level: float = 0.95) -> Est
     mean = float(v.mean())
     if n < 2:
         return Estimate(mean, math.nan, math.nan, 1, "t")
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return Estimate(mean, mean - half, mean + half, n, "t")
+    sem = float(stats.sem(v))
+    if sem == 0:  # every score equal (e.g. SSIM of a map with itself): the interval is the point
+        return Estimate(mean, mean, mean, n, "t")
+    low, high = stats.t.interval(level, n - 1, loc=mean, scale=sem)
+    return Estimate(mean, float(low), float(high), n, "t")
