@@ -56,8 +56,8 @@ def test_collect_sweep_reads_overrides_config_metrics_and_errors(sweep: Path) ->
     assert [j.status for j in jobs] == ["ok"] * 4 + ["failed"]
     assert jobs[0].overrides == {}  # no .hydra/overrides.yaml; its settings come from config.yaml
     assert jobs[3].overrides == {"loss": "trust_mask", "optim.lr": "0.001", "loss.lam": "0.5"}
-    assert jobs[3].config | {"seed": 0} == {"loss": "trust_mask", "lam": 0.5, "form": "paper", "lr": 0.001,
-                                            "ablation": "none", "saliency": "gradcam", "seed": 0}
+    assert jobs[3].config | {"seed": 0} == {"loss": "trust_mask", "lam": 0.5, "weight": None, "form": "paper",
+                                            "lr": 0.001, "ablation": "none", "saliency": "gradcam", "seed": 0}
     assert jobs[0].config["lam"] is None and jobs[0].config["loss"] == "ce"
     assert "test/acc" in jobs[1].metrics and not jobs[4].metrics
     assert jobs[4].error.startswith("ValueError: loss.lam must lie in [0, 1]")
@@ -319,3 +319,12 @@ def test_real_command_line_multirun_then_report(tmp_path: Path) -> None:
     assert (sweep_dir / "heatmap_val_acc.png").stat().st_size > 5000
     assert (sweep_dir / "heatmap_test_acc.png").stat().st_size > 5000
     assert all(math.isfinite(float(r["test/acc"])) for r in rows if r["status"] == "ok")
+
+
+def test_run_json_records_the_tested_images_and_classes_the_report_uses(sweep: Path) -> None:
+    """train writes the main test set's size (limit_test_batches=1 × batch 64) and the class count into run.json;
+    the report reads them (its Wilson intervals and the accuracy a guess scores) without building any data."""
+    run = json.loads((job(sweep, 1) / "run.json").read_text())
+    assert run["test_images"] == 64 and run["num_classes"] == 10
+    jobs = {j.num: j for j in collect_sweep(sweep)}
+    assert jobs[1].test_size == 64 and jobs[1].num_classes == 10

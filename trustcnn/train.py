@@ -461,7 +461,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
             # Under DDP every rank holds the same metrics (synced; the predictions gathered in loader order),
             # and only rank 0 writes files (checkpoints are Lightning's, rank 0 too).
             if trainer.is_global_zero:
-                write_run_record(cfg, output_dir, tested, summary)
+                main_preds = module.test_predictions.get(datamodule.test_set_names[0]) or []
+                write_run_record(cfg, output_dir, tested, summary,
+                                 test_images=int(sum(len(p) for p in main_preds)) if main_preds else None,
+                                 num_classes=int(datamodule.num_classes))
                 save_test_grid(module, datamodule, output_dir / "saliency_grid.png", cfg.grid_images)
         if trainer.is_global_zero:
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -473,8 +476,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     return metrics, objects
 
 
-def write_run_record(cfg: DictConfig, output_dir: Path, tested: Path, summary: dict[str, Any]) -> Path:
-    """``run.json``: which checkpoint was tested (``evaluate`` and ``report`` load the same one)."""
+def write_run_record(cfg: DictConfig, output_dir: Path, tested: Path, summary: dict[str, Any],
+                     test_images: int | None = None, num_classes: int | None = None) -> Path:
+    """``run.json``: which checkpoint was tested (``evaluate`` and ``report`` load the same one), on how many
+    images of the main test set and with how many classes (the report's Wilson intervals and chance level)."""
     monitor_cfg = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     record = {
         "test_checkpoint": cfg.get("test_checkpoint", "last"),
@@ -486,6 +491,8 @@ def write_run_record(cfg: DictConfig, output_dir: Path, tested: Path, summary: d
         "optimized_mode": metric_mode(cfg.optimized_metric, monitor_cfg.get("mode")),
         # Settings given that do not apply to the loss (e.g. loss.lam of loss=ce): not used by this run.
         "not_applicable": not_applicable_settings(cfg),
+        "test_images": test_images,
+        "num_classes": num_classes,
     }
     path = output_dir / RUN_RECORD
     path.write_text(json.dumps(record, indent=2))

@@ -24,6 +24,7 @@ log = logging.getLogger("trustcnn.report")
 KEY_CONFIG: dict[str, str] = {
     "loss": "loss.name",
     "lam": "loss.lam",
+    "weight": "loss.weight",
     "form": "loss.form",
     "lr": "optim.lr",
     "ablation": "ablation.name",

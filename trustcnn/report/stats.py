@@ -26,7 +26,7 @@ _COVERED_OVERRIDES = {"loss", "ablation", "saliency", "seed", *KEY_CONFIG.values
 PAIRED = ("test/acc", "test/energy_pointing_game", "test/pointing_game", "test/decoy_following_rate",
           "test_consistent/acc")
 # Settings of the trust losses that mean nothing for the loss=ce baseline.
-_TRUST_ONLY = ("ablation", "lam", "form")
+_TRUST_ONLY = ("ablation", "lam", "form", "weight")
 
 GroupKey = tuple[tuple[str, str], ...]
 
@@ -56,8 +56,22 @@ def varying_keys(jobs: list[JobResult]) -> tuple[list[str], list[str]]:
                    and len({fmt_value(setting(j, c)) for j in jobs if setting(j, c) is not None}) > 1]
     keys = sorted({k for j in jobs for k in j.overrides})
     extra = [k for k in keys if k.lstrip("+~") not in _COVERED_OVERRIDES
-             and len({j.overrides.get(k) for j in jobs}) > 1]
+             and len({j.overrides.get(k) for j in jobs}) > 1 and not _names_a_combination(jobs, k, config_cols)]
     return config_cols, extra
+
+
+def _names_a_combination(jobs: list[JobResult], key: str, config_cols: list[str]) -> bool:
+    """Whether the override ``key`` only names combinations of the config columns, one value per combination
+    (e.g. the shortcut study's ``+arm``, a bundle of loss, saliency method and weights). Such a key adds no
+    setting of its own; kept, it would keep every job from pairing with a ``loss=ce`` job of another name."""
+    if not config_cols:
+        return False
+    named: dict[tuple[str, ...], str | None] = {}
+    for j in jobs:
+        combination = tuple(fmt_value(setting(j, c)) for c in config_cols)
+        if named.setdefault(combination, j.overrides.get(key)) != j.overrides.get(key):
+            return False
+    return True
 
 
 def _group_key(job: JobResult, config_cols: list[str], extra: list[str]) -> GroupKey:
