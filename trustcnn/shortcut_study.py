@@ -176,6 +176,79 @@ def final_command(out: Path, conf: Path, launcher: list[str], arms: tuple[Arm, .
                           f"hydra.sweep.dir={out / 'final'}", "skip_finished=true", *launcher])
 
 
+def final_jobs(out: Path) -> list[dict]:
+    """The finished jobs of the final stage: arm, depth, seed and test metrics per job."""
+    from trustcnn.sweep import job_dirs, read_job
+
+    jobs = []
+    for job_dir in job_dirs(out / "final"):
+        job = read_job(job_dir)
+        if job.status != "finished":
+            continue
+        keys = dict(o.lstrip("+").split("=", 1) for o in job.overrides if "=" in o)
+        jobs.append({"dir": job_dir, "arm": keys.get("arm"), "depth": keys.get("model.trainable"),
+                     "seed": keys.get("seed"), "metrics": job.metrics})
+    return jobs
+
+
+def write_scatter(out: Path, arms: tuple[Arm, ...] = ARMS, depths: tuple[str, ...] = DEPTHS,
+                  path: Path | None = None) -> Path:
+    """``path`` (default ``<out>/final/accuracy_vs_epg.png``): random-decoy test accuracy against the energy
+    pointing game, one point per finished final job, one panel per trainable depth, with the level a uniform map
+    scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    jobs = final_jobs(out)
+    if not jobs:
+        raise SystemExit(f"shortcut_study: no finished job in {out / 'final'}; run the final stage first.")
+    shown = [d for d in depths if any(j["depth"] == d for j in jobs)]
+    fig = Figure(figsize=(4.2 * len(shown), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(shown), sharex=True, sharey=True, squeeze=False)[0]
+    markers = "osD^v<>ph"
+    uniform = [j["metrics"]["test/energy_pointing_game_uniform"] for j in jobs
+               if "test/energy_pointing_game_uniform" in j["metrics"]]
+    colors = matplotlib.colormaps["tab10"].colors
+    for ax, depth in zip(axes, shown):
+        for i, arm in enumerate(arms):  # one colour and marker per arm in every panel, drawn or not
+            pts = [(j["metrics"].get("test/energy_pointing_game"), j["metrics"].get("test/acc"))
+                   for j in jobs if j["depth"] == depth and j["arm"] == arm.name]
+            pts = [p for p in pts if None not in p]
+            ax.scatter(*(zip(*pts) if pts else ([], [])), label=arm.name, marker=markers[i % len(markers)],
+                       color=colors[i % len(colors)], s=28, alpha=0.8)
+        if uniform:
+            ax.axvline(sum(uniform) / len(uniform), color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"model.trainable={depth}")
+        ax.set_xlabel("energy pointing game (test, random decoys)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (test, random decoys)")
+    axes[-1].legend(fontsize=8, loc="best")
+    path = path or out / "final" / "accuracy_vs_epg.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def maps_commands(out: Path, arms: tuple[Arm, ...] = ARMS, depths: tuple[str, ...] = DEPTHS,
+                  seed: str = "0") -> list[list[str]]:
+    """Per trainable depth, one ``python -m trustcnn.evaluate`` of every arm's job of ``seed`` against the
+    ``ce`` job of the same seed and depth: each loss's maps on the same test images
+    (``<out>/maps/<depth>/saliency_comparison.png``). Arms whose job did not finish are left out."""
+    jobs = final_jobs(out)
+    commands = []
+    for depth in depths:
+        found = {j["arm"]: j["dir"] for j in jobs if j["depth"] == depth and j["seed"] == seed}
+        if "ce" not in found:
+            continue
+        others = [a.name for a in arms if a.name != "ce" and a.name in found]
+        runs = ",".join(f"'{found[a]}'" for a in others)
+        commands.append([sys.executable, "-m", "trustcnn.evaluate", f"baseline='{found['ce']}'", f"runs=[{runs}]",
+                         f"names=[ce,{','.join(others)}]", f"out={out / 'maps' / depth}", "faithfulness=false",
+                         "max_images=128", "grid_images=6"])
+    return commands
+
+
 def _run(command: list[str], dry_run: bool) -> int:
     print("$ " + shlex.join(command), flush=True)
     if dry_run:
@@ -232,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         failed |= _run(command, args.dry_run) != 0
     if "report" in stages:
         failed |= _run([sys.executable, "-m", "trustcnn.report", str(out / "final")], args.dry_run) != 0
+        if not args.dry_run:
+            print(f"wrote {write_scatter(out, arms, depths)}", flush=True)
+            for command in maps_commands(out, arms, depths):
+                failed |= _run(command, args.dry_run) != 0
     return 1 if failed else 0
 
 
