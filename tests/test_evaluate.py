@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from trustcnn.runs import check_shared_test_set, load_models, load_run
 from trustcnn.train import train
 from tiny_sweep import job, tiny_cfg
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def quoted(path: Path | str) -> str:
@@ -100,15 +97,14 @@ def test_evaluate_agrees_with_the_runs_own_test_metrics(evaluation: dict, sweep:
             assert m["case_table"][f"case{c}_count"] == saved[f"test/case{c}_count"]
 
 
-def test_evaluate_app_prints_markdown(sweep: Path, tmp_path: Path) -> None:
-    """The command as a user runs it: one run (a .ckpt), a name, no baseline, no deletion/insertion."""
+def test_evaluate_app_prints_markdown(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The Hydra app (in this process): one run (a .ckpt), a name, no baseline, no deletion/insertion."""
     ckpt = job(sweep, 2) / "checkpoints" / "last.ckpt"
-    done = subprocess.run([sys.executable, "-m", "trustcnn.evaluate", f"runs=[{quoted(ckpt)}]", "names=[lam0.9]",
-                           "max_images=16", "faithfulness=false", f"out={tmp_path}", "device=cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "| lam0.9 |" in done.stdout and "## Faithfulness" not in done.stdout
-    assert "no baseline given" in done.stdout
+    evaluate_main([f"runs=[{quoted(ckpt)}]", "names=[lam0.9]", "max_images=16", "faithfulness=false",
+                   f"out={tmp_path}", "device=cpu"])
+    printed = capsys.readouterr().out
+    assert "| lam0.9 |" in printed and "## Faithfulness" not in printed
+    assert "no baseline given" in printed
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["data"]["num_images"] == 16
     assert "deletion_auc" not in saved["models"]["lam0.9"] and "ssim_vs_baseline" not in saved["models"]["lam0.9"]
