@@ -13,7 +13,10 @@
 3. **final** — one sweep: every arm at its chosen setting × trainable depth × seeds (``+arm=...``, the arms
    written as configs under ``<out>/conf/arm/``); ``<out>/final/``.
 4. **report** — ``python -m trustcnn.report <out>/final``: tables, paired differences against cross-entropy
-   (same seed, depth and saliency method) with 95% CIs, pictures.
+   (same seed, depth and saliency method) with 95% CIs; then ``<out>/final/accuracy_vs_epg.png`` (random-decoy
+   accuracy against the energy pointing game per job) and, per depth, ``python -m trustcnn.evaluate`` of every
+   arm's seed-0 job against the ``ce`` job (``<out>/maps/<depth>/saliency_comparison.png``: each loss's maps on
+   the same images).
 
 Every sweep runs with ``skip_finished=true``: running the same command again after an interruption completes
 the study without redoing finished jobs. ``--launcher joblib`` (default) runs two jobs at once on a 2-core
