@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from trustcnn.data.decoy_digits import DecoyDigitsDataModule
 from trustcnn.module import NonFiniteLossError
-from trustcnn.saliency import LayerNotFoundError
+from trustcnn.layers import LayerNotFoundError
 from trustcnn.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,34 +66,119 @@ def test_loss_and_saliency_variants_run(make_cfg, overrides: list[str]) -> None:
     assert 0.0 <= metrics["test/acc"] <= 1.0
 
 
-def _wandb_logged_values(run_file: Path, key: str) -> list[float]:
-    """Values logged under ``key`` in a W&B ``.wandb`` transaction log.
+def _wandb_records(run_dir: Path) -> list[Any]:
+    """The protobuf ``Record`` messages of an offline W&B run's transaction log (``run-*.wandb``).
 
-    Each history/summary item is a protobuf message: field 2 ``key`` then field 16 ``value_json``
-    (tag bytes 0x82 0x01, a length byte, the JSON text).
+    The log is LevelDB's: a 7-byte file header, then 32 KiB blocks of chunks, each a 7-byte header (checksum,
+    little-endian length, type: 1 whole, 2 first, 3 middle, 4 last) and its bytes; a block tail under 7 bytes
+    is padding.
     """
-    data = run_file.read_bytes()
-    encoded = key.encode()
-    pattern = re.escape(bytes([0x12, len(encoded)]) + encoded + b"\x82\x01") + rb"(.)"
-    values = []
-    for match in re.finditer(pattern, data, flags=re.DOTALL):
-        start = match.end()
-        values.append(float(data[start:start + match.group(1)[0]]))
-    return values
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    records, chunk, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(chunk))
+            chunk = b""
+    return records
 
 
-def test_wandb_offline_run_records_metrics(make_cfg, monkeypatch) -> None:
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+def _wandb_run(run_dir: Path) -> dict[str, Any]:
+    """What an offline W&B run recorded: its ``run`` record (group, display_name, run_id), the ``history``
+    values by key, its ``config`` and its exit code."""
+    records = _wandb_records(run_dir)
+    history: dict[str, list[Any]] = {}
+    config: dict[str, Any] = {}
+    for record in records:
+        for item in record.history.item:
+            history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
+        for item in record.config.update:
+            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return {"run": next(r.run for r in records if r.HasField("run")), "history": history, "config": config,
+            "exit_code": next((r.exit.exit_code for r in records if r.HasField("exit")), None)}
+
+
+def test_logger_group_builds_its_targets(make_cfg) -> None:
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    from trustcnn.train import build_callbacks, build_loggers
+
+    assert build_loggers(make_cfg("logger=none")) == []
+    assert "lr_monitor" not in build_callbacks(make_cfg("logger=none"), with_logger=False)
+    csv_only = build_loggers(make_cfg())
+    assert [type(lg) for lg in csv_only] == [CSVLogger]
+    assert Path(csv_only[0].log_dir) == Path(make_cfg().paths.output_dir) / "csv" / "version_0"
     cfg = make_cfg("logger=wandb")
+    assert [type(lg) for lg in build_loggers(cfg)] == [CSVLogger, WandbLogger]  # W&B on top of CSV
+    assert "wandb_panels" in build_callbacks(cfg, with_logger=True)  # logger=wandb adds the W&B panels
+    assert "wandb_panels" not in build_callbacks(make_cfg(), with_logger=True)
+    assert [type(lg) for lg in build_loggers(make_cfg("logger=wandb", "logger.csv=null"))] == [WandbLogger]
+
+
+def test_wandb_group_and_name_of_a_multirun_job(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    from trustcnn.config_check import CONF_DIR
+
+    sweep_dir = tmp_path / "multiruns" / "2026-01-01_00-00-00-000000"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=wandb", "loss.lam=0.5"], return_hydra_config=True)
+    with open_dict(cfg):  # what Hydra sets for job 0 of `-m loss.lam=0.5,...` (compose leaves it unset)
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        cfg.hydra.runtime.output_dir = str(sweep_dir / "0")
+        cfg.hydra.job.override_dirname = "loss.lam=0.5"
+
+    def group_and_name(mode: RunMode) -> tuple[str, str]:
+        with read_write(cfg.hydra):  # set_config made it read-only
+            cfg.hydra.mode = mode
+        HydraConfig.instance().set_config(cfg)
+        try:
+            return cfg.logger.wandb.group, cfg.logger.wandb.name
+        finally:
+            HydraConfig.instance().cfg = None
+
+    assert group_and_name(RunMode.MULTIRUN) == (sweep_dir.name, "loss.lam=0.5")  # shared by the sweep's jobs
+    assert group_and_name(RunMode.RUN) == ("0", "0")  # a single run is a group of its own
+
+
+def test_wandb_offline_run_records_metrics_panels_and_case_table(make_cfg, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg("logger=wandb", "tags=[a,b]")
     metrics, _ = train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # offline by default: no account, no network, no prompt
-    run_file = next(runs[0].glob("run-*.wandb"))
-    assert metrics["test/acc"] in _wandb_logged_values(run_file, "test/acc")
+    recorded = _wandb_run(runs[0])
+    assert recorded["run"].run_group == recorded["run"].display_name == "run"  # a single run: its directory
+    assert recorded["run"].project == "trustcnn" and list(recorded["run"].tags) == ["a", "b"]
+    assert recorded["exit_code"] == 0
+    history = recorded["history"]
+    assert metrics["test/acc"] in history["test/acc"]
     for key in ("train/r1_epoch", "train/s_hat_epoch", "val/acc", "val/energy_pointing_game"):
-        assert _wandb_logged_values(run_file, key), key
-    assert list(runs[0].glob("files/media/images/val/saliency_*.png"))
-    assert list(runs[0].glob("files/media/table/test/case_table_*.table.json"))
+        assert history.get(key), key
+    assert recorded["config"]["loss"]["lam"] == cfg.loss.lam  # the whole run config, not only the module's
+    # One saliency panel per validation epoch (not the sanity check), from callbacks.wandb_panels.
+    panels = [runs[0] / "files" / f for files in history["val/saliency/filenames"] for f in files]
+    assert len(panels) == cfg.trainer.max_epochs and all(p.stat().st_size > 1000 for p in panels)
+    for stage in ("test", "test_consistent"):
+        table = json.loads(next(runs[0].glob(f"files/media/table/{stage}/case_table_*.table.json")).read_text())
+        assert table["columns"] == ["case", "description", "count", "fraction", "ci_low", "ci_high"]
+        assert [row[0] for row in table["data"]] == [1, 2, 3, 4]
+        for c, row in enumerate(table["data"], start=1):
+            assert row[2] == metrics[f"{stage}/case{c}_count"]
+            assert row[3:] == pytest.approx([metrics[f"{stage}/case{c}_{p}"] for p in ("fraction", "ci_low", "ci_high")])
     import wandb
 
     assert wandb.run is None  # finished
@@ -159,8 +245,9 @@ def test_cli_multirun_lr_by_lambda_with_a_failing_job(tmp_path: Path, cache_dir:
     sweep = tmp_path / "sweep"
     # lr=-1 passes the command-line checks and fails when the optimizer is built (a failure at run time; a bad
     # loss.lam would be refused before any job, with exit status 2)
-    result = _cli("-m", "loss.lam=0.1,0.5", "optim.lr=1e-3,1e-4,-1", *TINY, f"paths.cache_dir={cache_dir}",
-                  f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    args = ["-m", "loss.lam=0.1,0.5", "optim.lr=1e-3,1e-4,-1", *TINY, f"paths.cache_dir={cache_dir}", "logger=wandb",
+            f"hydra.sweep.dir={sweep}"]
+    result = _cli(*args, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # the sweep finished, but two of its jobs failed
     assert "2 failed" in result.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -170,6 +257,22 @@ def test_cli_multirun_lr_by_lambda_with_a_failing_job(tmp_path: Path, cache_dir:
     assert len(done) == 4 and len(failed) == 2
     assert all("optim.lr=-1" in (p / ".hydra" / "overrides.yaml").read_text() for p in failed)
     assert "Invalid learning rate" in json.loads((failed[0] / "error.json").read_text())["error"]
+    # Each job is a W&B run of its own (failed ones too, marked so), all in the sweep's group, named by overrides.
+    assert "Tracking run with wandb" not in result.stderr + result.stdout  # W&B's console lines are silenced
+    runs = {job: _wandb_run(next((job / "wandb").glob("offline-run-*"))) for job in jobs}
+    assert len({r["run"].run_id for r in runs.values()}) == 6
+    for job, recorded in runs.items():
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert recorded["run"].run_group == sweep.name
+        assert recorded["run"].display_name == ",".join(sorted(overrides))  # Hydra's override_dirname
+        assert recorded["exit_code"] == (1 if job in failed else 0)
+    # Rerun in place: the finished jobs are skipped, although their W&B name (the overrides) now holds
+    # skip_finished=true (the logger config is no part of what a result depends on).
+    finished_at = {job: (job / "metrics.json").stat().st_mtime_ns for job in done}
+    again = _cli(*args, "skip_finished=true", cwd=tmp_path)
+    assert again.returncode == 1 and "2 failed" in again.stdout, again.stderr[-3000:]
+    assert not list(sweep.glob("*/refused.json"))
+    assert finished_at == {job: (job / "metrics.json").stat().st_mtime_ns for job in done}
 
 
 def test_preprocessing_mismatch_is_reported(make_cfg, caplog) -> None:

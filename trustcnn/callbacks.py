@@ -113,3 +113,57 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
                                  "best_model_path": moved.get(state_dict.get("best_model_path"), ""),
                                  "kth_best_model_path": moved.get(state_dict.get("kth_best_model_path"), ""),
                                  "last_model_path": ""})
+
+
+class WandbSaliencyPanels(pl.Callback):
+    """What a W&B dashboard shows beyond the scalars: after every validation epoch a panel of the first
+    ``images`` validation images with their masks and saliency maps (key ``val/saliency``), and after the
+    test the case table of each test set (``<set>/case_table``, from the ``<set>/case*`` metrics the test
+    logged; data with masks only).
+
+    ``logger=wandb`` adds it (``callbacks.wandb_panels``) next to the ``WandbLogger``; without a ``WandbLogger``
+    in the trainer it does nothing. The panel is rendered by global rank 0 only, the rank that logs.
+    """
+
+    def __init__(self, images: int = 8) -> None:
+        self.images = int(images)
+
+    @staticmethod
+    def _wandb_loggers(trainer: pl.Trainer) -> list[pl.loggers.WandbLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)] if trainer.is_global_zero else []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = self._wandb_loggers(trainer)
+        if not loggers or trainer.sanity_checking:
+            return
+        from torch.utils.data import default_collate
+
+        from trustcnn.viz import saliency_grid_array
+
+        # The images themselves, not the validation loader's batches: those hold the frozen stem's features
+        # when the feature cache serves validation.
+        val_set = trainer.datamodule.val_set
+        batch = default_collate([val_set[i] for i in range(min(self.images, len(val_set)))])
+        x, y, masks = (t.to(pl_module.device) for t in batch)
+        out = pl_module.explain(x, y, create_graph=False)
+        panel = saliency_grid_array(trainer.datamodule.denormalize(x), masks, {"map": out.maps.detach()},
+                                    labels=y, preds=out.logits.argmax(1))
+        for lg in loggers:
+            lg.log_image(key="val/saliency", images=[panel], step=trainer.global_step)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loggers = self._wandb_loggers(trainer)
+        if not loggers:
+            return
+        from trustcnn.metrics import CASE_NAMES
+
+        metrics = trainer.callback_metrics  # the test epoch's values (synced over the ranks), by name
+        columns = ["case", "description", "count", "fraction", "ci_low", "ci_high"]
+        for stage in pl_module.test_set_names:
+            if f"{stage}/case1_count" not in metrics:  # no masks: no case table
+                continue
+            rows = [[c, CASE_NAMES[c], int(metrics[f"{stage}/case{c}_count"]),
+                     *(float(metrics[f"{stage}/case{c}_{part}"]) for part in ("fraction", "ci_low", "ci_high"))]
+                    for c in range(1, 5)]
+            for lg in loggers:
+                lg.log_table(key=f"{stage}/case_table", columns=columns, data=rows)

@@ -19,7 +19,6 @@ if __name__ == "__main__":
 import inspect
 import json
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -44,7 +43,7 @@ from trustcnn.loss import LOSSES
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.pretrain import ensure_pretrained
 from trustcnn.module import TrustModule
-from trustcnn.saliency import get_module
+from trustcnn.layers import get_module
 
 log = logging.getLogger("trustcnn.train")
 
@@ -196,40 +195,26 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
             "val_metrics": dict(state.get("val_metrics") or {})}
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[pl.loggers.Logger]:
-    loggers: list[pl.loggers.Logger] = []
-    if cfg.logger.get("csv"):
-        loggers.append(pl.loggers.CSVLogger(save_dir=str(output_dir), name="csv"))
-    wandb_cfg = cfg.logger.get("wandb")
-    if wandb_cfg:
-        os.environ.setdefault("WANDB_SILENT", "true")
-        group, name = wandb_cfg.get("group"), output_dir.name
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            if hc.mode == RunMode.MULTIRUN:
-                group = group or Path(hc.sweep.dir).name
-                name = hc.job.override_dirname or name
-        loggers.append(pl.loggers.WandbLogger(
-            project=wandb_cfg.project, entity=wandb_cfg.get("entity"), mode=wandb_cfg.get("mode", "offline"),
-            group=group or name, name=name, save_dir=str(output_dir), tags=list(wandb_cfg.get("tags") or []),
-            log_model=wandb_cfg.get("log_model", False),
-            config=OmegaConf.to_container(cfg, resolve=True),
-        ))
-    return loggers
+def build_loggers(cfg: DictConfig) -> list[pl.loggers.Logger]:
+    """The ``logger`` group, each entry built from its ``_target_`` (``logger.<name>=null`` drops one; none
+    with ``logger=none``)."""
+    return [instantiate_plain(OmegaConf.to_container(lg_cfg, resolve=True))
+            for lg_cfg in (cfg.get("logger") or {}).values() if lg_cfg is not None]
 
 
 def finish_loggers(loggers: list[pl.loggers.Logger], failed: bool) -> None:
-    """Close every logger; a W&B run is always finished (marked failed when the job failed)."""
+    """Close every logger. A W&B run is finished (marked failed when the job failed): Lightning's
+    ``WandbLogger`` reuses a run still open in the process, so without this every job of a multirun after the
+    first would log into the first job's run."""
     for lg in loggers:
-        if isinstance(lg, pl.loggers.WandbLogger):
-            import wandb
+        lg.finalize("failed" if failed else "success")
+    if any(isinstance(lg, pl.loggers.WandbLogger) for lg in loggers):
+        import wandb
 
-            if wandb.run is not None:
-                wandb.finish(exit_code=1 if failed else 0)
-            # finish() can return before wandb-core has flushed an offline run to disk; teardown waits.
-            wandb.teardown()
-        else:
-            lg.finalize("failed" if failed else "success")
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+        # finish() can return before wandb-core has flushed an offline run to disk; teardown waits.
+        wandb.teardown()
 
 
 TABLE_COLUMNS = ("acc", "precision", "recall", "pointing_game", "energy_pointing_game", "energy_pointing_game_uniform",
@@ -403,7 +388,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
     if loss.needs_masks and not datamodule.has_masks:
         raise ValueError(f"loss=trust_mask needs masks, but data={type(datamodule).__name__} has none; "
                          "use data=decoy_digits or data=oxford_pet, or loss=trust.")
-    loggers = build_loggers(cfg, output_dir)
+    loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, with_logger=bool(loggers))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=list(callbacks.values()))
     _check_ddp_launch(trainer)
@@ -435,6 +420,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], 
                "pretrained": pretrained}
     failed = True
     try:
+        for lg in loggers:  # the whole run's config (Lightning logs only the module's hyperparameters)
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         with warnings.catch_warnings():
             # Frozen modules are in eval mode on purpose (their BatchNorm statistics and dropout stay
             # fixed; see TrustModule.train); Lightning warns about any eval-mode module at fit start.
