@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from trustcnn.callbacks import epoch_seed
-from trustcnn.data.common import EpochShuffleSampler, ShardSampler, interleave_shards
+from trustcnn.data.samplers import EpochShuffleSampler, ShardSampler, interleave_shards
 from trustcnn.train import train
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ from typing import Any, Callable
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import default_collate
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision, MulticlassRecall
 
-from trustcnn.metrics import CASE_NAMES, CaseTable, EnergyPointingGame, PointingGame
+from trustcnn.metrics import CaseTable, EnergyPointingGame, localization_metrics
 from trustcnn.models.base import BuiltModel
 from trustcnn.models.freeze import freeze_except, set_trainable_mode
 from trustcnn.saliency import SaliencyMethod, SaliencyOutput, build_saliency
@@ -45,7 +44,6 @@ class TrustModule(pl.LightningModule):
             ``normalize``, ``target``, ...).
         has_masks: whether batches carry object masks (enables pointing-game metrics).
         test_set_names: metric prefix of each test dataloader (e.g. ``["test", "test_consistent"]``).
-        panel_images: how many fixed validation images to render as saliency panels per epoch.
         pointing_tolerance: pointing-game tolerance in mask pixels.
     """
 
@@ -58,7 +56,6 @@ class TrustModule(pl.LightningModule):
         saliency: dict[str, Any] | None = None,
         has_masks: bool = False,
         test_set_names: list[str] | tuple[str, ...] = ("test",),
-        panel_images: int = 8,
         pointing_tolerance: int = 15,
     ) -> None:
         super().__init__()
@@ -78,8 +75,6 @@ class TrustModule(pl.LightningModule):
         self._features: _FeatureHead | None = None
         self.has_masks = has_masks
         self.test_set_names = list(test_set_names)
-        self.panel_images = panel_images
-        self._panel_batch: tuple[torch.Tensor, ...] | None = None
 
         def classification() -> MetricCollection:
             kw = dict(num_classes=num_classes)
@@ -92,10 +87,9 @@ class TrustModule(pl.LightningModule):
         # ModuleDict keys may not shadow nn.Module attributes ("train"), hence the suffix.
         stages = ["train", "val", *self.test_set_names]
         self.cls_metrics = nn.ModuleDict({f"{s}_metrics": classification() for s in stages})
-        self.map_metrics = nn.ModuleDict({
-            f"{s}_metrics": MetricCollection({"pointing_game": PointingGame(tolerance=pointing_tolerance), "energy_pointing_game": EnergyPointingGame()})
-            for s in stages[1:]
-        }) if has_masks else None
+        # The same mask metrics as trustcnn.evaluate's (trustcnn.metrics.localization_metrics).
+        self.map_metrics = nn.ModuleDict({f"{s}_metrics": localization_metrics(pointing_tolerance)
+                                          for s in stages[1:]}) if has_masks else None
         # The reference level of a trivial map: the energy pointing game of a uniform map is the share of
         # each image the mask covers, so a map "beats chance" only above this value.
         self.uniform_map_metrics = nn.ModuleDict({f"{s}_metrics": EnergyPointingGame()
@@ -245,13 +239,6 @@ class TrustModule(pl.LightningModule):
         return self._stage_step(batch, "train")["loss"]
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        if self._panel_batch is None and batch_idx == 0:
-            if "val" in self.feature_stages:  # the batch holds features: the panel shows the same images
-                val_set = self.trainer.datamodule.val_set
-                images = default_collate([val_set[i] for i in range(min(self.panel_images, len(val_set)))])
-                self._panel_batch = tuple(t.to(self.device) for t in images)
-            else:
-                self._panel_batch = tuple(t[: self.panel_images].detach().clone() for t in batch)
         self._stage_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -268,7 +255,7 @@ class TrustModule(pl.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         if world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return
-        from trustcnn.data.common import interleave_shards
+        from trustcnn.data.samplers import interleave_shards
 
         for stage in self.test_set_names:
             local = self.test_predictions.get(stage) or [torch.zeros(0, dtype=torch.long)]
@@ -282,8 +269,6 @@ class TrustModule(pl.LightningModule):
         self._gather_test_predictions()
         if self.case_tables is None:
             return
-        from pytorch_lightning.loggers import WandbLogger
-
         for stage in self.test_set_names:
             table = self.case_tables[f"{stage}_metrics"]
             # compute() syncs the counts over the ranks (a collective), so every rank must agree to call it.
@@ -297,27 +282,6 @@ class TrustModule(pl.LightningModule):
                     # Lightning from warning about an unsynced epoch-level value).
                     self.log(f"{stage}/case{c}_{part}", result[f"case{c}_{part}"].float(), add_dataloader_idx=False,
                              sync_dist=True)
-            for lg in self.loggers:
-                if isinstance(lg, WandbLogger):
-                    rows = [[c, CASE_NAMES[c], int(result[f"case{c}_count"]), float(result[f"case{c}_fraction"]),
-                             float(result[f"case{c}_ci_low"]), float(result[f"case{c}_ci_high"])] for c in range(1, 5)]
-                    lg.log_table(key=f"{stage}/case_table", columns=["case", "description", "count", "fraction",
-                                                                     "ci_low", "ci_high"], data=rows)
-
-    def on_validation_epoch_end(self) -> None:
-        from pytorch_lightning.loggers import WandbLogger
-
-        wandb_loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
-        if not wandb_loggers or self._panel_batch is None or self.trainer.sanity_checking:
-            return
-        from trustcnn.viz import saliency_grid_array
-
-        x, y, masks = (t.to(self.device) for t in self._panel_batch)
-        out = self.explain(x, y, create_graph=False)
-        panel = saliency_grid_array(self.trainer.datamodule.denormalize(x.detach()), masks,
-                                    {"map": out.maps.detach()}, labels=y, preds=out.logits.argmax(1))
-        for lg in wandb_loggers:
-            lg.log_image(key="val/saliency", images=[panel], step=self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.net.parameters() if p.requires_grad]

@@ -63,8 +63,9 @@ _JOB_MARKERS = ("metrics.json", "error.json", DUPLICATE, "config.yaml", ".hydra/
 #: Hydra files make it look like a job directory; it is not one).
 EVALUATION_DIR = "evaluation"
 #: Keys that may differ between a finished job and its rerun without making the stored result another config's
-#: (``feature_cache`` changes the speed, not the results; runs from before it existed lack it).
-IGNORED_KEYS = frozenset({"skip_finished", "feature_cache"})
+#: (``feature_cache`` changes the speed, not the results; runs from before it existed lack it; ``logger`` records
+#: a run without changing it, and names a W&B run by its job's overrides, ``skip_finished=true`` included).
+IGNORED_KEYS = frozenset({"skip_finished", "feature_cache", "logger"})
 COMMAND = "python -m trustcnn.train"
 STOPPED = "the multirun stopped early, with an error or an interrupt"
 

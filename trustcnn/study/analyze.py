@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from trustcnn.evaluate import _fmt, _json_safe, format_case_table_markdown
+from trustcnn.evaluation.output import format_case_table_markdown, format_estimate, json_safe
 from trustcnn.metrics import CASE_NAMES, case_counts, case_fractions
 from trustcnn.metrics.stats import Estimate, wilson_estimate
 from trustcnn.study.manifest import (
@@ -240,7 +240,7 @@ def analyze_study(study_dir: str | Path, db_path: str | Path | None = None, out_
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "analysis.json").write_text(json.dumps(_json_safe(result), indent=2))
+        (out / "analysis.json").write_text(json.dumps(json_safe(result), indent=2))
         (out / "analysis.md").write_text(format_markdown(result))
         save_analysis_figure(result, out / "analysis.png")
         write_answers_csv(study, participants, answers, out / "answers.csv")
@@ -283,17 +283,19 @@ def format_markdown(result: dict[str, Any]) -> str:
                                       skipped="answered / unanswered questions"), "",
            "## Accuracy on the study images", "",
            "| model | accuracy |", "|---|---|",
-           *[f"| {n} | {_fmt(m['accuracy'])} ({m['accuracy']['n']} images) |" for n, m in models.items()], "",
+           *[f"| {n} | {format_estimate(m['accuracy'])} ({m['accuracy']['n']} images) |"
+             for n, m in models.items()], "",
            "## Votes", "",
            "Share of all answers choosing each option; \"They look the same\" counts for every map. Wilson 95% CI "
            "(answers of one participant are not independent: the intervals are somewhat too narrow).", "",
            "| option | share |", "|---|---|",
-           *[f"| {_label(k)} | {_fmt(v)} |" for k, v in result["votes"].items()], ""]
+           *[f"| {_label(k)} | {format_estimate(v)} |" for k, v in result["votes"].items()], ""]
     a = result["agreement"]
     out += ["## Agreement between participants", "",
             f"Krippendorff's alpha (nominal; categories: the chosen model's map, \"They look the same\", \"Can't "
             f"distinguish\") over the {a['questions_with_two_or_more_answers']} questions with two or more answers: "
-            f"{_fmt(a['krippendorff_alpha'])} (percentile bootstrap over questions). Agreeing pairs of answers to the "
+            f"{format_estimate(a['krippendorff_alpha'])} (percentile bootstrap over questions). Agreeing pairs of "
+            "answers to the "
             f"same question: " + ("n/a" if a["pairwise_agreement"] is None or not math.isfinite(a["pairwise_agreement"])
                                   else f"{a['pairwise_agreement']:.3f}") + ".", ""]
     options = [*models, *OTHER_CHOICES]
@@ -304,13 +306,13 @@ def format_markdown(result: dict[str, Any]) -> str:
     for key, groups in result["background"].items():
         for value, g in groups.items():
             out.append(f"| {key} | {value} | {g['participants']} | {g['answers']} | "
-                       + " | ".join(_fmt(g["shares"][o]) for o in options) + " |")
+                       + " | ".join(format_estimate(g["shares"][o]) for o in options) + " |")
     out.append("")
     p = result["pointing"]
     if p is not None:
         out += ["## Chosen map vs energy pointing game", "",
                 f"Answers that chose one map, on questions with one highest energy pointing game: the chosen map "
-                f"had the highest in {_fmt(p['rate'])} of {p['rate']['n']} answers (chance level "
+                f"had the highest in {format_estimate(p['rate'])} of {p['rate']['n']} answers (chance level "
                 f"{p['chance']:.3f}; {p['left_out_answers']} answers on questions with tied or missing scores left "
                 "out).", ""]
     out += ["Case descriptions: " + "; ".join(f"{c}: {d}" for c, d in CASE_NAMES.items()) + ".", ""]

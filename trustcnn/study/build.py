@@ -12,7 +12,6 @@ fixed range [0, 1] over the gray image (:func:`trustcnn.viz.overlay_map`).
 
 from __future__ import annotations
 
-import logging
 import string
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,14 +24,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from trustcnn.evaluate import check_shared_test_set, load_models
 from trustcnn.metrics import energy_pointing_game
-from trustcnn.saliency.guided import upsample
+from trustcnn.maps import upsample
 from trustcnn.saliency.normalize import normalize_maps
+from trustcnn.runs import load_compared_runs
 from trustcnn.study.manifest import IMAGES, MANIFEST, Panel, Question, Study
 from trustcnn.viz import overlay_map
-
-log = logging.getLogger("trustcnn.study")
 
 PANEL_KEYS = string.ascii_uppercase
 
@@ -115,15 +112,13 @@ def build_study(
     if not runs:
         raise ValueError("A study compares two or more models: pass the baseline and at least one run "
                          "(--baseline RUN --runs RUN [RUN ...]).")
-    loaded, base = load_models(runs, baseline, names, {"root": data_root} if data_root else None, saliency=saliency)
+    loaded, base, warnings = load_compared_runs(runs, baseline, names, {"root": data_root} if data_root else None,
+                                                saliency=saliency)
     if len(loaded) < 2:
         raise ValueError("A study compares two or more models, but the runs given are all the same checkpoint.")
     if len(loaded) > len(PANEL_KEYS):
         raise ValueError(f"{len(loaded)} models are more than the {len(PANEL_KEYS)} panels (A-Z) a question can show.")
     assert base is not None
-    warnings = check_shared_test_set(loaded, base)
-    for w in warnings:
-        log.warning(w)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for run in loaded.values():
         run.module.to(dev).eval()
