@@ -91,7 +91,10 @@ def test_paper_readme_evaluate_commands(runs: dict[str, Path], tmp_path: Path) -
     found = commands(REPO / "experiments" / "paper" / "README.md", "trustcnn.evaluate")
     assert len(found) >= 5, found
     for command in found:
-        filled = command.replace("<baseline sweep>", "$S").replace("<grid sweep>", "$A").replace("<best job>", "2")
+        # A placeholder stands for a path the user types, so it becomes the path itself (inside the README's single
+        # quotes a shell variable would not expand); $S and $A are the README's own shell variables.
+        filled = (command.replace("<baseline sweep>", str(sweeps["S"])).replace("<grid sweep>", str(sweeps["A"]))
+                  .replace("<best job>", "2"))
         assert "<" not in filled, filled
         done = run(f"{filled} {CHEAP}", env={k: str(v) for k, v in sweeps.items()})
         assert done.returncode == 0, (filled, done.stderr)
