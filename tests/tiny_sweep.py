@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from conftest import compose_config, shrink
 from trustcnn.train import _record_failure, train
 
-# (job dir, overrides); job 0 gets no .hydra/overrides.yaml so the report falls back to the dir name.
+# (job dir, overrides); job 0 gets no .hydra/overrides.yaml: the report then takes its settings from config.yaml alone.
 JOBS = [
     ("0_loss=ce", ["loss=ce"]),
     ("1_loss.lam=0.5,optim.lr=0.01", ["optim.lr=0.01", "loss.lam=0.5"]),
