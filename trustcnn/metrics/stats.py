@@ -12,18 +12,12 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from trustcnn.intervals import t_interval, wilson
+
 
 def _wilson(successes: float, total: float, z: float) -> tuple[float, float]:
-    if total == 0:
-        return math.nan, math.nan
-    k = round(successes)
-    # binomtest takes whole counts; a rate times n (the report's macro precision) is rounded to the nearest count.
-    if not 0 <= k <= total:
-        raise ValueError(f"wilson_interval needs 0 <= successes <= total, got {successes}/{total}")
     # The level whose two-sided normal quantile is z (z = 1.96 -> 0.950004...), so z keeps its meaning.
-    level = 1.0 - 2.0 * float(stats.norm.sf(z))
-    ci = stats.binomtest(int(k), int(round(total))).proportion_ci(confidence_level=level, method="wilson")
-    return float(ci.low), float(ci.high)
+    return wilson(successes, total, level=1.0 - 2.0 * float(stats.norm.sf(z)))
 
 
 def wilson_interval(
@@ -85,11 +79,4 @@ def mean_estimate(values: np.ndarray | torch.Tensor, level: float = 0.95) -> Est
     n = v.size
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0, "t")
-    mean = float(v.mean())
-    if n < 2:
-        return Estimate(mean, math.nan, math.nan, 1, "t")
-    sem = float(stats.sem(v))
-    if sem == 0:  # every score equal (e.g. SSIM of a map with itself): the interval is the point
-        return Estimate(mean, mean, mean, n, "t")
-    low, high = stats.t.interval(level, n - 1, loc=mean, scale=sem)
-    return Estimate(mean, float(low), float(high), n, "t")
+    return Estimate(*t_interval(v, level), n, "t")  # all scores equal (SSIM of a map with itself): the point

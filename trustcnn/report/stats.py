@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
+from trustcnn.intervals import t_interval, wilson
 from trustcnn.report.collect import KEY_CONFIG, JobResult
 
 # Override keys already described by KEY_CONFIG (config-group choices and the keys themselves).
@@ -108,15 +108,6 @@ def mean_std(group: list[JobResult], metric: str) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
-def t_interval(v: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)``: ``mean ± t((1+level)/2, n−1)·sd/√n`` (NaN bounds below two values)."""
-    mean = float(v.mean()) if v.size else math.nan
-    if v.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, v.size - 1) * stats.sem(v))
-    return mean, mean - half, mean + half
-
-
 def confidence_interval(group: list[JobResult], metric: str) -> tuple[float, float, float, str]:
     """``(mean, low, high, method)``: t-interval over seeds, else Wilson over the test images, else no CI."""
     v = values(group, metric)
@@ -126,8 +117,7 @@ def confidence_interval(group: list[JobResult], metric: str) -> tuple[float, flo
         return (*t_interval(v), f"t, {v.size} seeds")
     mean, n = float(v[0]), group[0].test_size
     if n and 0.0 <= mean <= 1.0:
-        ci = stats.binomtest(round(mean * n), n).proportion_ci(0.95, method="wilson")
-        return mean, float(ci.low), float(ci.high), f"Wilson, n={n}"
+        return (mean, *wilson(mean * n, n), f"Wilson, n={n}")
     return mean, math.nan, math.nan, "no CI"
 
 
