@@ -328,3 +328,56 @@ def test_training_step_uses_the_fast_stem(replays: list[int]) -> None:
     assert set(grads[0]) == {"features.conv3.weight", "features.conv3.bias"}
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-9, atol=1e-15, msg=name)
+
+
+class ConvReadTwice(nn.Module):
+    """A conv whose output a BatchNorm reads *and* a residual sum reads: folding the BatchNorm into the conv
+    would hand the sum the normalized values, so this pair must not be folded; the plain conv -> BN -> ReLU
+    in front of it may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.new_conv = nn.Conv2d(6, 8, 1)
+        self.new_relu = nn.ReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.stem(x))
+        y = self.relu(self.bn(y) + y)
+        return self.head(self.new_relu(self.new_conv(y)).mean(dim=(2, 3)))
+
+
+def test_only_convs_read_by_their_batch_norm_alone_are_folded(replays: list[int]) -> None:
+    torch.manual_seed(0)
+    net = _randomize_batch_norms(ConvReadTwice(), 16).double().eval()
+    freeze_except(net, ["new_conv", "head"])
+    reference_net = copy.deepcopy(net)
+    x, labels = _images(2, 16), torch.tensor([0, 2])
+    fast = GuidedGradCAM(net, "new_relu")
+    for _ in range(2):
+        maps, grads = _step(fast, x, labels)
+    assert fast.fast_stem_reason is None
+    assert fast._stem.plan.folded == {net.stem[0]: net.stem[1]}
+    ref_maps, ref_grads = _step(GuidedGradCAM(reference_net, "new_relu", fast_stem=False), x, labels)
+    torch.testing.assert_close(maps, ref_maps, rtol=1e-10, atol=1e-12)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12 * max(float(theirs.abs().max()), 1e-30))
+
+
+def test_mobilenet_blocks_fold_every_batch_norm_of_the_stem() -> None:
+    net, layer = mobilenet_blocks()
+    method = GuidedGradCAM(net, layer)
+    x = _images(2, 16)
+    for _ in range(2):
+        method(x)
+    plan = method._stem.plan
+    norms = [m for _, m in plan.stem if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 11 and sorted(map(id, plan.folded.values())) == sorted(map(id, norms))
+    # the recorded forward keeps the modules' own values: logits equal to a plain forward's, bit for bit
+    with torch.no_grad():
+        plain = net(x)
+    assert torch.equal(method(x).logits.detach(), plain)

@@ -13,8 +13,10 @@ mask, times the sign pattern ``g > 0`` seen at its output in this guided backwar
 
 That replaces the double backward through the stem, whose grouped (depthwise) convolutions autograd
 runs group by group, by a forward of the same layers; it also frees the stem's graph right after the
-guided backward. The loss gradient never enters the stem: the stem's output is detached where it
-enters the first trainable module (nothing in front of it trains).
+guided backward. A convolution whose output only a BatchNorm reads runs, in both directions, as one
+convolution with the BatchNorm's scale folded into its weight (:class:`_DataflowProbe`); the recorded
+forward itself keeps the modules' own values. The loss gradient never enters the stem: the stem's
+output is detached where it enters the first trainable module (nothing in front of it trains).
 
 The replay re-runs the model's own ``forward`` with the stem's leaf modules swapped for their linear
 parts and stops where the stem's output enters the cut module, so any Python forward works. Leaf
@@ -72,11 +74,15 @@ class StemPlan:
         cut: name of the module whose (single tensor) input is the stem's output.
         stem: the leaf modules called before it, in call order (name, module).
         reason: why the fast path does not apply to this model, or ``None``.
+        folded: stem convolutions whose output only a BatchNorm reads -> that BatchNorm (see
+            :class:`_DataflowProbe`); the guided backward and the replay run each pair as one
+            convolution with the BatchNorm's scale folded into its weight.
     """
 
     cut: str | None
     stem: list[tuple[str, nn.Module]] = field(default_factory=list)
     reason: str | None = None
+    folded: dict[nn.Module, nn.Module] = field(default_factory=dict)
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -129,7 +135,9 @@ class _Entry:
     """What the guided backward recorded for one activation or max-pool call of the stem."""
 
     module: nn.Module
-    mask: torch.Tensor | None = None  # activation: forward mask & (g > 0); max-pool: argmax indices
+    # activation: the guided gradient it passed, ``g_in >= 0``, positive exactly where the forward mask
+    # and ``g > 0`` both hold; max-pool: the argmax indices
+    mask: torch.Tensor | None = None
 
 
 class _GuidedActivation(torch.autograd.Function):
@@ -139,7 +147,9 @@ class _GuidedActivation(torch.autograd.Function):
     in backward plus the mask, instead of a gate's clone, clamp and mask ops beside the activation's own
     backward.
 
-    The recorded mask is ``g_in != 0`` = forward mask & ``g > 0``. Autograd's double backward passes
+    It records ``g_in`` itself, which is ``>= 0`` and positive exactly where the forward mask and ``g > 0``
+    both hold, so the replay applies the mask as ``threshold_backward(u, g_in, 0)``: one fused pass, where a
+    bool mask cost a comparison here and a ``where`` there (~10x slower on CPU). Autograd's double backward passes
     ``clamp``'s derivative at ``g == 0`` too; those positions differ only in the transposed gradient
     ``B^T u`` there, which reaches the parameters only through guided gradients that are themselves
     exactly zero there with zero derivative (a gradient killed by a gate or a max-pool), so the
@@ -162,15 +172,111 @@ class _GuidedActivation(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (y,) = ctx.saved_tensors
-        guided = ctx.switch.on
-        g = grad.clamp(min=0) if guided else grad
         if ctx.upper is None:
-            g_in = torch.ops.aten.threshold_backward(g, y, 0)
+            g_in = torch.ops.aten.threshold_backward(grad, y, 0)
         else:
-            g_in = torch.ops.aten.hardtanh_backward(g, y, 0.0, ctx.upper)
-        if guided:
-            ctx.entry.mask = g_in != 0
+            g_in = torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.upper)
+        if ctx.switch.on:
+            # relu'(x) * clamp(g, min=0), the clamp in place on this Function's own new tensor (``grad``
+            # may be shared, e.g. by both branches of a residual sum).
+            g_in.clamp_(min=0)
+            ctx.entry.mask = g_in
         return g_in, None, None, None, None
+
+
+class _DataflowProbe:
+    """Watches the planning forward: which convolution's output only a BatchNorm reads.
+
+    Conv -> BatchNorm (eval mode: a per-channel affine map) is one linear layer for the guided backward
+    and the replay, ``conv(x; W * s)`` with ``s = gamma / sqrt(var + eps)``, which saves an elementwise
+    pass over the largest tensors in each direction. Whether the pair may be folded is dataflow, not call
+    order: the BatchNorm's input must be the convolution's output node, and nothing else in the graph may
+    read that node (counted from the logits), else folding would change what the other reader sees.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.conv_outputs: dict[nn.Module, list] = {}
+        self.norm_inputs: dict[nn.Module, list] = {}
+        self.roots: list = []
+        self._handles = [model.register_forward_hook(self._root)]
+        for m in model.modules():
+            if isinstance(m, _ConvNd):
+                self._handles.append(m.register_forward_hook(self._conv))
+            elif isinstance(m, _BatchNorm):
+                self._handles.append(m.register_forward_hook(self._norm))
+
+    def _conv(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.conv_outputs.setdefault(module, []).append(getattr(output, "grad_fn", None))
+
+    def _norm(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        node = getattr(inputs[0], "grad_fn", None) if inputs else None
+        self.norm_inputs.setdefault(module, []).append(node)
+
+    def _root(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        self.roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def foldable(self, plan: StemPlan) -> dict[nn.Module, nn.Module]:
+        """The stem's conv -> BatchNorm pairs that may run as one convolution."""
+        in_stem = [m for _, m in plan.stem]
+        readers: dict = {}
+        seen, todo = set(), list(self.roots)
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for child, _ in node.next_functions:
+                if child is not None:
+                    readers[child] = readers.get(child, 0) + 1
+                    todo.append(child)
+        by_node = {outs[0]: conv for conv, outs in self.conv_outputs.items()
+                   if len(outs) == 1 and outs[0] is not None}
+        pairs: dict[nn.Module, nn.Module] = {}
+        for norm, inputs in self.norm_inputs.items():
+            conv = by_node.get(inputs[0]) if len(inputs) == 1 and inputs[0] is not None else None
+            if (conv is None or in_stem.count(conv) != 1 or in_stem.count(norm) != 1
+                    or readers.get(inputs[0]) != 1 or conv.transposed or conv.padding_mode != "zeros"
+                    or isinstance(conv.padding, str) or norm.running_var is None
+                    or norm.num_features != conv.out_channels):
+                continue
+            pairs[conv] = norm
+        return pairs
+
+
+def _folded_weight(conv: _ConvNd, norm: _BatchNorm) -> torch.Tensor:
+    """The weight of ``norm(conv(.))`` without offsets: ``W * gamma / sqrt(var + eps)`` per output channel."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    return conv.weight * scale.view(-1, *[1] * (conv.weight.dim() - 1))
+
+
+class _FoldedConvBN(torch.autograd.Function):
+    """A stem conv -> BatchNorm pair during the recorded forward: the two modules' own forwards (same
+    values), one graph node whose backward is the convolution's input gradient with the folded weight
+    (no BatchNorm backward pass, no saved BatchNorm input)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, conv: _ConvNd, norm: _BatchNorm) -> torch.Tensor:  # type: ignore[override]
+        ctx.conv, ctx.norm = conv, norm
+        ctx.save_for_backward(x)
+        return type(norm).forward(norm, type(conv).forward(conv, x))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        conv = ctx.conv
+        (gx, _, _) = torch.ops.aten.convolution_backward(
+            grad, x, _folded_weight(conv, ctx.norm), None, conv.stride, conv.padding, conv.dilation, False,
+            [0] * len(conv.stride), conv.groups, [True, False, False])
+        return gx, None, None
 
 
 class StemPass:
@@ -190,6 +296,7 @@ class StemPass:
         self.in_stem = True
         self.problem: str | None = None
         self._gx: torch.Tensor | None = None
+        self._folded_out: dict[nn.Module, torch.Tensor] = {}
 
     # -- recording (hooks call these during the forward) --------------------------------------------
     def activation(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +312,20 @@ class StemPass:
                       ceil_mode=module.ceil_mode, return_indices=True)
         self.entries.append(_Entry(module, idx))
         return y
+
+    def folded_conv(self, module: _ConvNd, x: torch.Tensor) -> torch.Tensor:
+        """A conv of a folded pair: conv and BatchNorm at once (:class:`_FoldedConvBN`)."""
+        norm = self.plan.folded[module]
+        y = _FoldedConvBN.apply(x, module, norm)
+        self._folded_out[norm] = y
+        return y
+
+    def folded_norm(self, module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        """A BatchNorm of a folded pair: its conv applied it already, so it passes its input on."""
+        if self._folded_out.pop(module, None) is not x:
+            self.problem = f"BatchNorm {module!r} did not read the output of the convolution folded into it"
+            return type(module).forward(module, x)
+        return x
 
     def enter_cut(self, inputs: tuple) -> tuple | None:
         self.cut_calls += 1
@@ -266,9 +387,15 @@ class StemPass:
     def transpose(self, u: torch.Tensor) -> torch.Tensor:
         """``B^T u``: the stem's masked linear forward (biases and shifts dropped)."""
         entries = iter(self.entries)
-        replaced = [m for _, m in self.plan.stem if isinstance(m, REPLAYED)]
+        replaced = list(dict.fromkeys(m for _, m in self.plan.stem if isinstance(m, REPLAYED)))
+        folded_norms = set(self.plan.folded.values())
         for m in replaced:
-            m.forward = self._linear_forward(m, entries)
+            if m in folded_norms:
+                m.forward = _identity
+            elif m in self.plan.folded:
+                m.forward = self._folded_forward(m, self.plan.folded[m])
+            else:
+                m.forward = self._linear_forward(m, entries)
         self.owner.replaying = self
         try:
             with torch.no_grad():
@@ -280,6 +407,11 @@ class StemPass:
             for m in replaced:
                 del m.forward
         raise StemInexactError(f"the replay of the stem never reached the cut module {self.plan.cut!r}")
+
+    @staticmethod
+    def _folded_forward(conv: _ConvNd, norm: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        weight = _folded_weight(conv, norm)
+        return lambda u: conv._conv_forward(u, weight, None)
 
     @staticmethod
     def _linear_forward(m: nn.Module, entries: Iterator[_Entry]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -302,17 +434,20 @@ class StemPass:
             return batch_norm
         if isinstance(m, ACTIVATIONS):
             def activation(u: torch.Tensor) -> torch.Tensor:
-                mask = recorded()
-                if mask is None:  # its output never reached the stem's output
+                passed = recorded()
+                if passed is None:  # its output never reached the stem's output
                     return torch.zeros_like(u)
-                # where(), not a product: a bool mask would be converted to u's dtype on every replay.
-                return torch.where(mask, u, 0.0)
+                return torch.ops.aten.threshold_backward(u, passed, 0)  # u where passed > 0, else 0
             return activation
 
         def max_pool(u: torch.Tensor) -> torch.Tensor:
             idx = recorded()
             return u.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
         return max_pool
+
+
+def _identity(u: torch.Tensor) -> torch.Tensor:
+    return u
 
 
 class _StemGuided(torch.autograd.Function):
@@ -427,7 +562,14 @@ class FrozenStem:
         """``module``'s forward while a pass records: a stem activation or max-pool runs through the
         :class:`StemPass`, which keeps what the replay needs; outside the stem it is the module's own."""
         original = type(module).forward
-        record = StemPass.activation if module in self._activations else StemPass.max_pool
+        if module in self._activations:
+            record = StemPass.activation
+        elif module in self.plan.folded:
+            record = StemPass.folded_conv
+        elif isinstance(module, _BatchNorm):
+            record = StemPass.folded_norm
+        else:
+            record = StemPass.max_pool
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             current = self.current
@@ -441,10 +583,12 @@ class FrozenStem:
         """Arms the stem for one forward of ``x``; yields the :class:`StemPass` when the fast path is on."""
         if self.plan is None:
             self._calls = []
+            probe = _DataflowProbe(self.model)
             try:
                 yield None
             finally:
                 calls, self._calls = self._calls, None
+                probe.remove()
                 for h in self._order_handles:
                     h.remove()
                 self._order_handles = []
@@ -453,6 +597,7 @@ class FrozenStem:
                 if self.plan.reason is not None:
                     self.disable(self.plan.reason)
                 else:
+                    self.plan.folded = probe.foldable(self.plan)
                     self._install(self.plan)
             return
         reason = self.plan.reason or stem_state_reason(self.plan)
@@ -467,7 +612,7 @@ class FrozenStem:
         self.reason = None
         self.current = StemPass(self, self.model, self.plan, self.switch)
         self.current.x = x
-        recorded = self._activations | self._pools
+        recorded = self._activations | self._pools | set(self.plan.folded) | set(self.plan.folded.values())
         for m in recorded:
             m.forward = self._recorded_forward(m)
         try:
