@@ -274,14 +274,16 @@ def _mem(m: PeakMemory) -> str:
 def report(args: argparse.Namespace, device: torch.device, steps: list[dict], epochs: dict | str, post: dict,
            load_start: str, started: datetime) -> str:
     cmd = "python benchmarks/speed.py" + (" --quick" if args.quick else "") + (
-        f" --device {args.device}" if args.device != "auto" else "")
+        f" --device {args.device}" if args.device != "auto" else "") + (
+        f" --cpu-allocator {args.cpu_allocator}" if args.cpu_allocator != "reuse" else "")
     mem_unit = "CUDA peak allocated MiB (rise)" if device.type == "cuda" else "peak RSS MiB (rise over the step's start)"
     lines = [
         "# Speed (issue 10)",
         "",
         f"`{cmd}` on **{machine(device)}**, {started:%Y-%m-%d %H:%M} UTC; load average {load_start} at the start, "
         f"{loadavg()} at the end.",
-        "All ratios are measured side by side in this one process (the settings take turns step by step).",
+        "All ratios are measured side by side in this one process (the settings take turns step by step), "
+        f"with the product's `cpu_allocator={args.cpu_allocator}` (trustcnn/allocator.py).",
         "",
         "## Training step (TrustModule.training_step + backward + SGD step; random weights)",
         "",
@@ -345,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-before", action="store_true", help="skip the double-backward Guided step")
     parser.add_argument("--no-epochs", action="store_true", help="skip the uncached/cached epoch comparison")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the Markdown goes (default benchmarks/RESULTS.md)")
+    parser.add_argument("--cpu-allocator", default="reuse", choices=["reuse", "system"],
+                        help="as the product's cpu_allocator (default reuse, as trustcnn.train; see benchmarks/allocator.py)")
     args = parser.parse_args(argv)
+    from trustcnn.allocator import use_cpu_allocator
+
+    use_cpu_allocator(args.cpu_allocator)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     batch = args.batch or (8 if args.quick else 32)

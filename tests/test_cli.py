@@ -100,6 +100,7 @@ def test_shell_completion_installs_and_completes_the_loss_options(tmp_path: Path
     (["install=bash"], 2, "Unknown config key 'install'"),                  # a key, when not after -sc
     (["loss=foo"], 2, "Options of loss: {loss options}"),
     (["loss.form=papr"], 2, "loss.form must be one of paper, prose"),
+    (["cpu_allocator=fast"], 2, "cpu_allocator must be one of reuse, system"),
     (["loss=ce,trust"], 2, "add -m to run one job per value"),
     (["hydra.run.dir=/proc/trustcnn/run"], 1, "Cannot write the run directory /proc/trustcnn/run"),
     (["-m", "hydra.sweep.dir=/proc/trustcnn/sweep"], 1, "set hydra.sweep.dir=<a writable directory>"),

@@ -95,6 +95,7 @@ VALUE_CHECKS: dict[str, Callable[[str, Any], str | None]] = {
     "test_checkpoint": _one_of("last", "best"),
     "trainer.max_epochs": _positive_int,
     "feature_cache": _one_of("auto", "off"),
+    "cpu_allocator": _one_of("reuse", "system"),
 }
 
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from trustcnn.allocator import use_cpu_allocator
 from trustcnn.checkpoints import RUN_RECORD, check_test_checkpoint, metric_mode
 from trustcnn.feature_cache import check_mode as check_feature_cache_mode, prepare_feature_cache
 from trustcnn.launch import job_threads, resume_after_requeue
@@ -336,6 +337,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if is_rank_zero():  # DDP: every rank runs this function; rank 0 writes the run files
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
+    use_cpu_allocator(cfg.get("cpu_allocator", "reuse"))  # reuse: freed memory stays for the next step
     # num_threads, capped at this job's share of the cores when sweep jobs run at once (trustcnn.launch)
     with torch_threads(job_threads(cfg)):
         return _fit_and_test(cfg, output_dir)

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from trustcnn.allocator import use_cpu_allocator
 from trustcnn.evaluation.module import EvaluationModule
 from trustcnn.evaluation.output import write_results
 from trustcnn.runs import load_compared_runs
@@ -78,6 +79,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     Raises:
         ValueError, FileNotFoundError: a setting, run or data that cannot be evaluated (the message says which).
     """
+    use_cpu_allocator(cfg.get("cpu_allocator", "reuse"))
     max_images = cfg.max_images
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}; set e.g. max_images=100, or max_images=null "
