@@ -170,8 +170,8 @@ def time_steps(setup: str, settings: list[str], batch: int, size: int, repeats: 
     steps = {s: make_step(built, classes, s, device) for s in settings}
     times: dict[str, list[float]] = {s: [] for s in settings}
     memory: dict[str, PeakMemory] = {}
-    # Warm-up: the fast stem path plans itself on its first forward (that step runs the double backward)
-    # and checks its replay once on the second; the first timed round also measures each step's memory.
+    # Warm-up: the fast stem path plans itself with one extra forward on its first call
+    # and checks its replay once on that call too; the first timed round also measures each step's memory.
     for s, (step, _) in steps.items():
         for _ in range(2 if s == "guided" else 1):
             step(data)

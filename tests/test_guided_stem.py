@@ -153,12 +153,13 @@ def test_fast_stem_equals_the_double_backward(build, size: int, replays: list[in
     x, labels = _images(2, size), torch.tensor([0, 2])
     fast = GuidedGradCAM(net, layer)
     slow = GuidedGradCAM(reference_net, layer, fast_stem=False)
-    for _ in range(2):  # the first forward finds the stem (and runs the double backward)
-        maps, grads = _step(fast, x, labels)
+    maps, grads = _step(fast, x, labels)  # the first call plans the stem (one extra forward) and takes the fast path
     assert fast.fast_stem_reason is None
     assert len(replays) == 3  # the one-time adjoint check, then the Function's backward of each loss
     ref_maps, ref_grads = _step(slow, x, labels)
     assert len(replays) == 3
+    maps_again, _ = _step(fast, x, labels)
+    assert len(replays) == 5 and torch.equal(maps_again, maps)
     torch.testing.assert_close(maps, ref_maps, rtol=1e-10, atol=1e-12)
     assert (maps.flatten(1).amax(1) > 0).any()  # a map to differentiate (an all-negative CAM is 0)
     assert all(g.abs().sum() > 0 for g in ref_grads[: len(ref_grads) // 2 - 1])  # the head's bias may be 0
@@ -381,3 +382,43 @@ def test_mobilenet_blocks_fold_every_batch_norm_of_the_stem() -> None:
     with torch.no_grad():
         plain = net(x)
     assert torch.equal(method(x).logits.detach(), plain)
+
+
+class HeadWithSideEffects(nn.Module):
+    """A frozen stem, then a train-mode BatchNorm and dropout after the cut: the planning forward's updates of
+    the running statistics and its draws of the random generator must not reach the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.new_conv = nn.Conv2d(6, 8, 3, padding=1)
+        self.new_relu = nn.ReLU()
+        self.head_norm = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.head_norm(self.new_relu(self.new_conv(self.stem(x))).mean(dim=(2, 3)))))
+
+
+def test_planning_forward_leaves_statistics_and_random_draws_as_they_were(replays: list[int]) -> None:
+    torch.manual_seed(0)
+    net = _randomize_batch_norms(HeadWithSideEffects(), 16).double()
+    freeze_except(net, ["new_conv", "head_norm", "head"])
+    net.eval()
+    net.head_norm.train()
+    net.drop.train()
+    reference_net = copy.deepcopy(net)
+    x, labels = _images(4, 16), torch.tensor([0, 2, 1, 0])
+    fast, slow = GuidedGradCAM(net, "new_relu"), GuidedGradCAM(reference_net, "new_relu", fast_stem=False)
+    torch.manual_seed(5)
+    maps, grads = _step(fast, x, labels)
+    torch.manual_seed(5)
+    ref_maps, ref_grads = _step(slow, x, labels)
+    assert fast.fast_stem_reason is None and replays
+    # one update each by the calibration forward and by the step: none by the planning forward
+    assert int(net.head_norm.num_batches_tracked) == 2 == int(reference_net.head_norm.num_batches_tracked)
+    torch.testing.assert_close(net.head_norm.running_mean, reference_net.head_norm.running_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(maps, ref_maps, rtol=1e-10, atol=1e-12)  # the same dropout mask
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12 * max(float(theirs.abs().max()), 1e-30))

@@ -231,6 +231,8 @@ class GuidedGradCAM(SaliencyMethod):
 
     @contextmanager
     def recording(self, x: torch.Tensor | None = None) -> Iterator[None]:
+        if self._stem is not None and x is not None and self._stem.plan is None:
+            self._stem.plan_forward(x)  # before the capture, probe and gates are armed: they must not see it
         with super().recording(x), self._guided.armed_for():
             if self._stem is None or x is None:
                 yield
