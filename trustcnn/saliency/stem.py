@@ -249,12 +249,15 @@ class _DataflowProbe:
         return pairs
 
 
+def _norm_scale(norm: _BatchNorm) -> torch.Tensor:
+    """An eval-mode BatchNorm's linear part, per channel: ``gamma / sqrt(var + eps)``."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    return scale if norm.weight is None else scale * norm.weight
+
+
 def _folded_weight(conv: _ConvNd, norm: _BatchNorm) -> torch.Tensor:
     """The weight of ``norm(conv(.))`` without offsets: ``W * gamma / sqrt(var + eps)`` per output channel."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    return conv.weight * scale.view(-1, *[1] * (conv.weight.dim() - 1))
+    return conv.weight * _norm_scale(norm).view(-1, *[1] * (conv.weight.dim() - 1))
 
 
 class _FoldedConvBN(torch.autograd.Function):
@@ -434,10 +437,7 @@ class StemPass:
             return lambda u: F.linear(u, m.weight)
         if isinstance(m, _BatchNorm):
             def batch_norm(u: torch.Tensor) -> torch.Tensor:
-                scale = torch.rsqrt(m.running_var + m.eps)
-                if m.weight is not None:
-                    scale = scale * m.weight
-                return u * scale.view(-1, *[1] * (u.dim() - 2))
+                return u * _norm_scale(m).view(-1, *[1] * (u.dim() - 2))
             return batch_norm
         if isinstance(m, ACTIVATIONS):
             def activation(u: torch.Tensor) -> torch.Tensor:
